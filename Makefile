@@ -1,0 +1,37 @@
+# Set-up and checks. Run inside a virtual environment (see README): `make install && make test`.
+PYTHON ?= python3
+TORCH_CPU ?= torch==2.13.0
+OUT ?= out
+
+.PHONY: install test test-fast lint bench demo fixtures fixtures-check clean
+
+install:
+	@# A CPU machine must not pull a multi-GB CUDA torch: install the pinned CPU build first when
+	@# torch is absent; a torch the user already has (CUDA or not) is kept.
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_CPU)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+lint:
+	$(PYTHON) -m ruff check icl_circuits tests fixtures analyses
+	$(PYTHON) -m mypy icl_circuits
+
+bench:
+	$(PYTHON) -m icl_circuits.bench
+
+demo:
+	$(PYTHON) -m icl_circuits.cli demo --out $(OUT)/demo
+
+fixtures:
+	$(PYTHON) -m fixtures.train --all
+
+fixtures-check:
+	$(PYTHON) -m fixtures.check
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(OUT)

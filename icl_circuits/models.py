@@ -1,0 +1,241 @@
+"""One way to get a model: ``load_model(spec)`` returns a TransformerBridge in compatibility mode.
+
+Spec forms, tried in this order:
+
+* ``fixture:NAME`` -- a model trained by this project and shipped in ``fixtures/NAME/``;
+* a local Hugging Face model directory (config, weights, tokenizer), loaded offline;
+* a llama2.c checkpoint file (``*.bin``), with an optional llama2.c tokenizer file;
+* anything else -- a Hugging Face hub name through ``TransformerBridge.boot_transformers``.
+
+``enable_compatibility_mode()`` is always applied, so hook names such as
+``blocks.{l}.attn.hook_pattern`` and HookedTransformer numerics (folded LayerNorm, centred
+unembedding) hold for every analysis. Each loaded bridge carries a :class:`ModelInfo`
+(``model_info(model)``) recording where it came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icl_circuits.errors import ModelSpecError, NoTokenizerError
+
+FIXTURE_PREFIX = "fixture:"
+DEFAULT_MODEL = "fixture:icl-tiny"
+_INFO_ATTR = "icl_circuits_info"
+
+
+def fixtures_dir() -> Path:
+    """The fixture folder: ``$ICL_CIRCUITS_FIXTURES`` or ``fixtures/`` beside the package."""
+    env = os.environ.get("ICL_CIRCUITS_FIXTURES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "fixtures"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance of a loaded model: the spec as given, its kind, and whether strings work."""
+
+    spec: str
+    kind: str  # "fixture" | "hf_dir" | "llama2c" | "hub" | "external"
+    has_tokenizer: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def list_fixtures() -> list[str]:
+    """Names of the fixture models present (folders of ``fixtures/`` with a ``config.json``)."""
+    root = fixtures_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def model_info(model: Any) -> ModelInfo:
+    """The :class:`ModelInfo` of a bridge (a bridge not loaded here reports kind ``external``)."""
+    info = getattr(model, _INFO_ATTR, None)
+    if isinstance(info, ModelInfo):
+        return info
+    name = getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__
+    return ModelInfo(spec=str(name), kind="external", has_tokenizer=getattr(model, "tokenizer", None) is not None)
+
+
+def require_tokenizer(model: Any, what: str = "this operation") -> Any:
+    """Return the model's tokenizer, or raise :class:`NoTokenizerError` saying how to fix it."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        spec = model_info(model).spec
+        raise NoTokenizerError(
+            f"model {spec!r} was loaded without a tokenizer, so {what} needs token ids, not strings; "
+            "pass a tokenizer file (tokenizer=... / --tokenizer PATH) to use text"
+        )
+    return tok
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ModelSpecError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16'")
+    return resolved
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence loader chatter (progress bars, compatibility-mode warnings) on stdout/stderr."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
+def _boot(name: str, device: str, dtype: torch.dtype, **kwargs: Any) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with _quiet():
+        bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, **kwargs)
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    return bridge
+
+
+def _attach(bridge: Any, info: ModelInfo) -> Any:
+    object.__setattr__(bridge, _INFO_ATTR, info)
+    return bridge
+
+
+def _load_hf_dir(path: Path, spec: str, kind: str, device: str, dtype: torch.dtype) -> Any:
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"model spec {spec!r}: folder {str(path)!r} has no config.json (not a Hugging Face model)")
+    try:
+        bridge = _boot(str(path), device, dtype)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear error
+        raise ModelSpecError(f"model spec {spec!r}: could not load {str(path)!r}: {type(e).__name__}: {e}") from e
+    return _attach(bridge, ModelInfo(spec=spec, kind=kind, has_tokenizer=True))
+
+
+def _placeholder_tokenizer(vocab_size: int, bos_id: int = 1, eos_id: int = 2):  # -> PreTrainedTokenizerFast
+    """A tokenizer whose pieces are ``<id>``: lets the bridge boot; removed right after."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=f"<{bos_id}>", eos_token=f"<{eos_id}>", unk_token="<0>"
+    )
+
+
+def _load_llama2c(path: Path, spec: str, tokenizer: str | None, device: str, dtype: torch.dtype) -> Any:
+    from icl_circuits import llama2c
+
+    hf_model = llama2c.to_hf_llama(path)
+    vocab_size = hf_model.config.vocab_size
+    if tokenizer is not None:
+        tok = llama2c.load_tokenizer(tokenizer, vocab_size)
+    else:
+        tok = _placeholder_tokenizer(vocab_size)
+    with tempfile.TemporaryDirectory(prefix="icl_circuits_llama2c_") as tmp:
+        hf_model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        bridge = _boot(tmp, device, dtype, hf_model=hf_model.to(dtype))
+    if tokenizer is None:
+        bridge.tokenizer = None
+    return _attach(bridge, ModelInfo(spec=spec, kind="llama2c", has_tokenizer=tokenizer is not None))
+
+
+def _looks_like_path(spec: str) -> bool:
+    if spec.startswith((".", "/", "~")) or spec.endswith((".bin", ".safetensors", ".json")):
+        return True
+    head = spec.split("/", 1)[0]
+    return "/" in spec and Path(head).expanduser().is_dir()
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    tokenizer: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Any:
+    """Load ``spec`` as a TransformerBridge with ``enable_compatibility_mode()`` applied.
+
+    Args:
+        spec: ``fixture:NAME``, a Hugging Face model folder, a llama2.c ``.bin`` file, or a hub name.
+        tokenizer: a llama2.c tokenizer file (only for ``.bin`` specs). Without one, a llama2.c
+            model works on token ids and string methods raise :class:`NoTokenizerError`.
+        device: ``"cpu"``, ``"cuda"``...; default: CUDA when available, else CPU.
+        dtype: torch dtype or its name; default float32.
+
+    Raises:
+        ModelSpecError: naming the spec and the cause (unknown fixture, missing file, bad
+            checkpoint, hub model not reachable offline).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"model spec must be a non-empty string, got {spec!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _resolve_dtype(dtype)
+    tok_path = None if tokenizer is None else str(tokenizer)
+    if tok_path is not None and not Path(tok_path).expanduser().is_file():
+        raise ModelSpecError(f"model spec {spec!r}: tokenizer file {tok_path!r} not found")
+
+    if spec.startswith(FIXTURE_PREFIX):
+        name = spec[len(FIXTURE_PREFIX) :]
+        path = fixtures_dir() / name
+        if not name or not (path / "config.json").is_file():
+            available = ", ".join(list_fixtures()) or "none (run `make fixtures`)"
+            raise ModelSpecError(f"unknown fixture {spec!r}; available: {available}")
+        return _load_hf_dir(path, spec, "fixture", device, torch_dtype)
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_hf_dir(path, spec, "hf_dir", device, torch_dtype)
+    if path.is_file():
+        if tok_path is None and path.suffix != ".bin":
+            raise ModelSpecError(f"model spec {spec!r}: a file, but not a llama2.c .bin checkpoint")
+        return _load_llama2c(path, spec, tok_path and str(Path(tok_path).expanduser()), device, torch_dtype)
+    if _looks_like_path(spec):
+        raise ModelSpecError(f"model spec {spec!r}: file not found")
+    if tok_path is not None:
+        raise ModelSpecError(f"model spec {spec!r}: tokenizer= is only for llama2.c .bin checkpoints")
+    try:
+        bridge = _boot(spec, device, torch_dtype)
+    except Exception as e:  # noqa: BLE001
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set and the model is not in the local cache)" if offline else ""
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelSpecError(f"model spec {spec!r}: could not load from the Hugging Face hub{hint}: {cause}") from e
+    return _attach(bridge, ModelInfo(spec=spec, kind="hub", has_tokenizer=bridge.tokenizer is not None))
+
+
+def describe_fixture(name: str) -> dict[str, Any]:
+    """The MANIFEST.json entry of a fixture (empty dict when there is none)."""
+    manifest = fixtures_dir() / "MANIFEST.json"
+    if not manifest.is_file():
+        return {}
+    return dict(json.loads(manifest.read_text()).get("fixtures", {}).get(name, {}))
