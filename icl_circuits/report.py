@@ -1,0 +1,110 @@
+"""Self-contained HTML reports that open offline: plotly.js and the circuitsvis bundle are embedded.
+
+A report is a list of :class:`Section` (title, HTML body, a short written reading) rendered into one
+page by :func:`render_page`; :func:`write_report` writes it atomically. plotly.js (~3.5 MB) is
+embedded once, in the page head; every figure is then a ``<div>`` with its own ``<script>``.
+circuitsvis views use the bundle's ``local_src`` (inline JS), never the CDN version.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icl_circuits.io import atomic_write_text
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of a report: a title, an HTML body and an optional plain-text reading."""
+
+    title: str
+    body: str
+    reading: str = ""
+
+
+def plotly_js() -> str:
+    """The plotly.js bundle shipped with the ``plotly`` package (inlined once per page)."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def figure_html(fig: Any) -> str:
+    """A plotly figure as a ``<div>`` + ``<script>`` fragment; needs :func:`plotly_js` in the page."""
+    return str(fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}))
+
+
+def attention_html(
+    tokens: Sequence[str], pattern: torch.Tensor, head_names: Sequence[str] | None = None
+) -> str:
+    """circuitsvis ``attention_heads`` for ``pattern [head, q, k]`` over ``tokens``, inline JS (offline)."""
+    import circuitsvis.attention as cva
+
+    pat = pattern.detach().float().cpu()
+    if pat.ndim != 3 or pat.shape[1] != len(tokens) or pat.shape[2] != len(tokens):
+        raise ValueError(f"pattern must be [head, {len(tokens)}, {len(tokens)}], got {list(pat.shape)}")
+    view = cva.attention_heads(attention=pat, tokens=list(tokens), attention_head_names=list(head_names or []) or None)
+    return str(view.local_src)
+
+
+def table_html(df: Any, *, max_rows: int = 40, float_format: str = "{:.3f}") -> str:
+    """A pandas DataFrame as a plain styled HTML table (first ``max_rows`` rows)."""
+    return str(
+        df.head(max_rows).to_html(
+            classes="icl-table", border=0, float_format=lambda x: float_format.format(x), na_rep="—"
+        )
+    )
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;
+color:#222;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;
+margin-top:2rem}
+.reading{background:#f6f8fa;border-left:4px solid #4c78a8;padding:.6rem .9rem;margin:.6rem 0}
+table.icl-table{border-collapse:collapse;font-size:.85rem}table.icl-table td,table.icl-table th{padding:.2rem .6rem;
+border-bottom:1px solid #eee;text-align:right}
+details{margin-top:1.5rem;font-size:.8rem;color:#555}pre{white-space:pre-wrap}
+"""
+
+
+def render_page(title: str, sections: Sequence[Section], provenance: dict[str, Any] | None = None) -> str:
+    """One self-contained HTML page: plotly.js inlined in the head, no remote scripts."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style>",
+        f'<script type="text/javascript">{plotly_js()}</script>',
+        "</head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for s in sections:
+        parts.append(f"<section><h2>{html.escape(s.title)}</h2>")
+        if s.reading:
+            parts.append(f'<div class="reading">{html.escape(s.reading)}</div>')
+        parts.append(s.body)
+        parts.append("</section>")
+    if provenance is not None:
+        parts.append(
+            "<details><summary>Provenance</summary><pre>"
+            + html.escape(json.dumps(provenance, indent=2, default=str))
+            + "</pre></details>"
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(
+    path: str | os.PathLike[str], title: str, sections: Sequence[Section], provenance: dict[str, Any] | None = None
+) -> Path:
+    """Render and write a report atomically (temp file + rename)."""
+    return atomic_write_text(path, render_page(title, sections, provenance))
