@@ -65,14 +65,14 @@ class CorpusConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CorpusConfig:
         keys = {f for f in cls.__dataclass_fields__}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in keys}
+        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in keys}
         return cls(**kw)
 
 
 def recorded_maps(cfg: CorpusConfig) -> list[dict[str, str]]:
     """The fixed key->value permutations of the ``recorded`` family (derangements of a..z)."""
     rng = np.random.default_rng(cfg.recorded_seed)
-    maps = []
+    maps: list[dict[str, str]] = []
     while len(maps) < cfg.n_recorded:
         perm = rng.permutation(len(LETTERS))
         if np.any(perm == np.arange(len(LETTERS))):
@@ -177,7 +177,8 @@ def training_batch(
     """A training batch: ``ids [batch, n_ctx]`` and ``loss_mask [batch, n_ctx]``.
 
     ``loss_mask[b, t]`` says whether the prediction *of* token ``t`` (made at ``t - 1``) counts:
-    every token of repeated segments; only the (unflipped) labels and the answer of few-shot ones.
+    every token of repeated segments; the answer of few-shot ones, and the (unflipped) demo labels of
+    ``rule`` and ``recorded`` sequences (a ``bound`` demo label is a fresh draw nobody can predict).
     """
     ids = torch.full((batch_size, cfg.n_ctx), TOKEN_ID[PAD], dtype=torch.long)
     mask = torch.zeros((batch_size, cfg.n_ctx), dtype=torch.bool)
@@ -193,7 +194,8 @@ def training_batch(
         ep = sample_episode(rng, cfg, family, int(rng.integers(cfg.min_demos, max_demos + 1)))
         toks = ep.tokens()
         ids[b, : len(toks)] = torch.tensor(encode(toks))
-        for i, flip in enumerate(ep.flipped):
-            mask[b, 1 + 4 * i + 2] = not flip  # label position of demo i
+        if family != "bound":  # bound demo labels are fresh draws (distinct keys): unpredictable, not trained on
+            for i, flip in enumerate(ep.flipped):
+                mask[b, 1 + 4 * i + 2] = not flip  # label position of demo i
         mask[b, len(toks) - 1] = True
     return ids, mask

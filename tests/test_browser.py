@@ -33,9 +33,41 @@ def _basic_report(out: Path) -> Path:
     return write_report(out / "basic.html", "basic", [Section("one", body, "a reading")], {"seed": 0})
 
 
+def _head_scan_report(out: Path) -> Path:
+    from icl_circuits import load_model
+    from icl_circuits.head_scan import save_head_scan, scan_heads
+    from tests.test_llama2c import _random_checkpoint
+
+    model = load_model(str(_random_checkpoint(out / "gqa.bin", L=3, n_kv=2, seq_len=40)), device="cpu")
+    scan = scan_heads(model, seq_len=6, batch=4, seed=0, progress=False)
+    return save_head_scan(scan, model, out)[1]
+
+
+def _analysis_report(name: str) -> Callable[[Path], Path]:
+    """A builder for the report of analysis ``name`` on a random 2-layer model of the fixture vocabulary."""
+
+    def build(out: Path) -> Path:
+        from icl_circuits.analyze import ANALYSES, save_analysis
+        from tests.test_analyses import SMALL, load_fixture_like
+
+        model, _ = load_fixture_like(out / "model")
+        result = ANALYSES[name].run(model, seed=0, progress=False, **SMALL[name])
+        return save_analysis(result, model, out, seed=0)[1]
+
+    return build
+
+
 REPORTS: dict[str, tuple[Callable[[Path], Path], int, int]] = {
     # kind: (builder writing the report into a folder, min plotly figures, min circuitsvis canvases)
     "basic": (_basic_report, 1, 1),
+    "head_scan": (_head_scan_report, 7, 1),  # 6 metric heatmaps + the composition figure; one attention view
+    "analysis_order": (_analysis_report("order"), 2, 0),
+    "analysis_shots_and_noise": (_analysis_report("shots-and-noise"), 3, 0),
+    "analysis_unseen_task": (_analysis_report("unseen-task"), 2, 0),
+    "analysis_repetition": (_analysis_report("repetition"), 2, 0),
+    "analysis_label_binding": (_analysis_report("label-binding"), 1, 0),
+    "analysis_information_flow": (_analysis_report("information-flow"), 2, 1),  # + the saliency view
+    "analysis_record_vs_circuit": (_analysis_report("record-vs-circuit"), 6, 0),  # each part's main figure
 }
 
 

@@ -62,5 +62,6 @@ def test_training_script_runs_cut_down(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     model = load_model(str(tmp_path / "induction-2l"), device="cpu")
     props = properties.attention_properties(model)
-    assert props["loss_first_copy"] < 4.2  # below log(62) = 4.13 + slack: it learned the unigram distribution
+    # Measured at 300 steps (seed 0, one thread): ratio 0.755. The untrained model sits at ~1.0.
+    assert props["loss_ratio_second_to_first"] < 0.9
     assert not (ROOT / "induction-2l" / ".tmp").exists()

@@ -1,0 +1,128 @@
+"""The observations that tell a record stored in the weights from an in-context circuit, as runnable analyses.
+
+Each analysis is registered in :data:`ANALYSES` (an explicit dict: name -> :class:`AnalysisSpec`) and
+runs as ``icl-circuits analyze NAME [--model SPEC] [--seed S] [--out DIR] [--n N] [--tasks T,...]``, as
+``python analyses/<name>.py [same options]`` (thin wrappers over the CLI) or from Python::
+
+    from icl_circuits import load_model
+    from icl_circuits.analyze import run_analysis, save_analysis
+    model = load_model("fixture:icl-tiny")
+    result = run_analysis("shots-and-noise", model, seed=0)
+    result.to_dataframe(); result.plot(); result.findings()["reading"]
+    save_analysis(result, model, "out/analyses", seed=0)   # NAME.json + NAME.html
+
+Every result satisfies :class:`~icl_circuits.analyze.base.Analysis`; the modules state their math,
+sign conventions and cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from icl_circuits.analyze.base import Analysis
+from icl_circuits.analyze.information_flow import run_information_flow
+from icl_circuits.analyze.label_binding import run_label_binding
+from icl_circuits.analyze.order import run_order
+from icl_circuits.analyze.record_vs_circuit import run_record_vs_circuit
+from icl_circuits.analyze.repetition import run_repetition
+from icl_circuits.analyze.shots_noise import run_shots_and_noise
+from icl_circuits.analyze.unseen_task import run_unseen_task
+from icl_circuits.errors import InputError
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """A registered analysis: its name, the question it answers, and its run function
+    ``run(model, *, seed, n, tasks, progress) -> Analysis``."""
+
+    name: str
+    question: str
+    run: Callable[..., Analysis]
+
+
+ANALYSES: dict[str, AnalysisSpec] = {
+    spec.name: spec
+    for spec in (
+        AnalysisSpec("order", "accuracy and logit-difference spread across demo orders, with and without "
+                     "contextual calibration; the heads whose attribution moves most", run_order),
+        AnalysisSpec("shots-and-noise", "accuracy and logit difference against demos and label noise; the shrink "
+                     "toward the zero-shot prediction", run_shots_and_noise),
+        AnalysisSpec("unseen-task", "tasks whose rule never occurred in training: accuracy by shots and the heads "
+                     "responsible", run_unseen_task),
+        AnalysisSpec("repetition", "the same demos repeated r times: the effect on the prediction and on the "
+                     "fast-weight magnitude", run_repetition),
+        AnalysisSpec("label-binding", "recorded vs bound vs rule tasks with their own and with arbitrary symbol "
+                     "labels; which need the induction heads (mean ablation)", run_label_binding),
+        AnalysisSpec("information-flow", "label-word anchor flows by layer: saliency S_wp, S_pq, S_ww "
+                     "(Wang et al. 2023)", run_information_flow),
+        AnalysisSpec("record-vs-circuit", "the six observations side by side on one page (runs them all)",
+                     run_record_vs_circuit),
+    )
+}  # fmt: skip
+
+
+def get_analysis(name: str) -> AnalysisSpec:
+    """The registered analysis ``name``; :class:`InputError` listing the known names otherwise."""
+    spec = ANALYSES.get(name)
+    if spec is None:
+        raise InputError(f"unknown analysis {name!r}; known: {', '.join(ANALYSES)}")
+    return spec
+
+
+def run_analysis(
+    name: str,
+    model: Any,
+    *,
+    seed: int = 0,
+    n: int | None = None,
+    tasks: Sequence[str] | None = None,
+    progress: bool = True,
+) -> Analysis:
+    """Run analysis ``name`` on ``model`` (``n``: prompts per condition, ``None``: the analysis's default)."""
+    return get_analysis(name).run(model, seed=seed, n=n, tasks=tasks, progress=progress)
+
+
+def save_analysis(
+    result: Analysis, model: Any, out_dir: str | os.PathLike[str], *, seed: int, **args: Any
+) -> tuple[Path, Path]:
+    """Write ``out_dir/NAME.json`` (results + provenance) and the offline report ``out_dir/NAME.html``
+    (``NAME`` with underscores); a result made of parts (``record-vs-circuit``) also writes each part's, and
+    its Markdown summary table as ``NAME.md``."""
+    from icl_circuits.io import atomic_write_json, atomic_write_text, provenance
+    from icl_circuits.report import write_report
+
+    for part in getattr(result, "parts", ()):
+        save_analysis(part, model, out_dir, seed=seed, **args)
+    prov = provenance(model, seed, analysis=result.name, **args)
+    out = Path(out_dir)
+    stem = result.name.replace("-", "_")
+    json_path = atomic_write_json(out / f"{stem}.json", {**result.to_dict(), "provenance": prov})
+    html_path = write_report(out / f"{stem}.html", f"{result.title}: {result.model}", result.sections(), prov)
+    markdown = getattr(result, "markdown", None)
+    if callable(markdown):  # record-vs-circuit: the summary table, for the README
+        atomic_write_text(out / f"{stem}.md", f"{markdown()}\n")
+    return json_path, html_path
+
+
+def run_from_args(name: str, args: argparse.Namespace) -> int:
+    """Load the model, run, print the reading, write JSON + HTML (``icl-circuits analyze NAME``; ``args``: the
+    model options of :func:`icl_circuits.cli.add_model_args` plus ``out``, ``n``, ``tasks``)."""
+    from icl_circuits.models import load_model
+
+    spec = get_analysis(name)
+    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = spec.run(model, seed=args.seed, n=args.n, tasks=tasks, progress=True)
+    print(result.findings()["reading"])
+    paths = save_analysis(result, model, args.out, seed=args.seed, model_spec=args.model, tokenizer=args.tokenizer,
+                          n=args.n, tasks=tasks)  # fmt: skip
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+__all__ = ["ANALYSES", "Analysis", "AnalysisSpec", "get_analysis", "run_analysis", "save_analysis"]

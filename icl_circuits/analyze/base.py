@@ -1,0 +1,290 @@
+"""What every analysis shares: the result protocol, the default tasks per model, and batched readouts.
+
+An analysis is a function ``run(model, *, seed, n, tasks, progress) -> result`` registered in
+:data:`icl_circuits.analyze.ANALYSES`. Its result is a small frozen dataclass (living in the module
+that returns it) satisfying :class:`Analysis`: a JSON dict, a long-format DataFrame, plotly figures,
+report :class:`~icl_circuits.report.Section` s whose readings are sentences computed from the numbers,
+and :meth:`Analysis.findings` -- the few numbers ``record-vs-circuit`` puts side by side.
+
+Readouts at the answer position ``t`` of each right-padded prompt (a causal model's logits there do
+not see the padding): :func:`answer_logits` ``[batch, d_vocab]`` (the same numbers as
+:func:`icl_circuits.scoring.score_tokens` uses; :func:`scores_from_logits` gives its
+:class:`~icl_circuits.scoring.Scores`), :func:`label_log_probs` (log-probabilities renormalised over a
+task's label tokens) and :func:`head_logit_attribution` (direct logit attribution of every head).
+
+Cost: one forward per ``batch_size`` prompts for each readout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from icl_circuits import corpus
+from icl_circuits.errors import InputError, TaskError, TokenizationError
+from icl_circuits.prompts import pad_right, pad_token_id
+from icl_circuits.report import Section, table_html
+from icl_circuits.scoring import Scores
+
+
+@runtime_checkable
+class Analysis(Protocol):
+    """The result of one analysis. ``name`` is its registry key (``"shots-and-noise"``...)."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+
+    @property
+    def model(self) -> str:
+        """The model spec."""
+        ...
+
+    @property
+    def seed(self) -> int: ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything measured, as JSON-ready plain data (no NaN: missing values are ``None``)."""
+        ...
+
+    def to_dataframe(self) -> Any:
+        """The main table (pandas DataFrame)."""
+        ...
+
+    def plot(self) -> list[Any]:
+        """plotly Figures; pure (no show, no files)."""
+        ...
+
+    def sections(self) -> list[Section]:
+        """Report sections, each with a reading computed from the numbers."""
+        ...
+
+    def findings(self) -> dict[str, Any]:
+        """The headline numbers (flat ``name -> float | str | None``) and ``"reading"``: one computed sentence."""
+        ...
+
+    def _repr_html_(self) -> str: ...
+
+
+class AnalysisMixin:
+    """``_repr_html_`` for analysis dataclasses: the title, the readings, then the main table."""
+
+    title: ClassVar[str] = ""
+
+    def _repr_html_(self) -> str:
+        import html
+
+        sections: list[Section] = self.sections()  # type: ignore[attr-defined]
+        readings = "".join(f"<p>{html.escape(s.reading)}</p>" for s in sections if s.reading)
+        df = self.to_dataframe()  # type: ignore[attr-defined]
+        return f"<h4>{html.escape(self.title)}</h4>{readings}{table_html(df, max_rows=20)}"
+
+
+# ---------------------------------------------------------------- which tasks a model can run
+
+
+def uses_corpus_vocab(model: Any) -> bool:
+    """True when the model's tokenizer is the fixture corpus's word-level vocabulary (``corpus.TOKEN_ID``)."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or int(model.cfg.d_vocab) < len(corpus.VOCAB):
+        return False
+    try:
+        ids = tok.convert_tokens_to_ids(list(corpus.VOCAB))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return list(ids) == [corpus.TOKEN_ID[t] for t in corpus.VOCAB]
+
+
+#: Task files tried, in this order, as the defaults for models outside the fixture vocabulary.
+LM_TASKS: tuple[str, ...] = (
+    "antonym", "country-capital", "english-french", "present-past", "singular-plural", "lowercase-uppercase",
+    "word-first-letter", "number-successor",
+)  # fmt: skip
+
+
+def pick_tasks(
+    model: Any,
+    tasks: Sequence[str] | None,
+    fixture: Sequence[str],
+    lm: Sequence[str] = LM_TASKS,
+    *,
+    min_shots: int = 1,
+    count: int = 2,
+) -> list[str]:
+    """``tasks`` when given; else ``fixture`` for models on the corpus vocabulary; else the first ``count``
+    tasks of ``lm`` that the model's tokenizer can score (answers with distinct first tokens, see
+    :func:`icl_circuits.prompts.check_task`) with at least ``min_shots`` demos.
+
+    Raises:
+        TaskError: ``tasks`` is empty, or no task of ``lm`` is usable (each one's reason listed).
+    """
+    from icl_circuits.prompts import check_task
+    from icl_circuits.tasks import get_task
+
+    if tasks is not None:
+        chosen = [t for t in tasks if t]
+        if not chosen:
+            raise TaskError("tasks must name at least one task (see `icl-circuits tasks`)")
+        return chosen
+    if uses_corpus_vocab(model):
+        return list(fixture)
+    usable, why = [], []
+    for name in lm:
+        try:
+            checked = check_task(model, get_task(name, model))
+        except (TaskError, TokenizationError) as e:
+            why.append(str(e))
+            continue
+        if checked.task.max_shots < min_shots:
+            why.append(f"task {name!r}: at most {checked.task.max_shots} shots with this tokenizer, {min_shots} needed")
+            continue
+        usable.append(name)
+        if len(usable) == count:
+            break
+    if not usable:
+        raise TaskError("no default task is usable with this model; pass tasks=... (--tasks). " + "; ".join(why))
+    return usable
+
+
+def check_positive(**values: int) -> None:
+    """Raise :class:`InputError` naming every argument that is not a positive integer."""
+    bad = {k: v for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+    if bad:
+        raise InputError("must be positive integers: " + ", ".join(f"{k}={v!r}" for k, v in bad.items()))
+
+
+# ---------------------------------------------------------------- readouts at the answer position
+
+
+def padded_batch(
+    model: Any, tokens: Sequence[Sequence[int]] | torch.Tensor, last: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens [batch, pos]`` (right-padded when given ragged lists) and ``last_positions [batch]``."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.ndim != 2 or tokens.is_floating_point():
+            raise InputError(f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)}")
+        full = torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long)
+        return tokens.long(), (full if last is None else last.long())
+    return pad_right(tokens, pad_token_id(model))
+
+
+def batch_chunks(
+    tokens: torch.Tensor, last: torch.Tensor, batch_size: int
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """``(rows, chunk [b, width], last [b])`` with columns that are padding for the whole chunk dropped."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    for lo in range(0, tokens.shape[0], batch_size):
+        pos = last[lo : lo + batch_size]
+        yield slice(lo, lo + len(pos)), tokens[lo : lo + batch_size, : int(pos.max()) + 1], pos
+
+
+@torch.no_grad()
+def answer_logits(
+    model: Any,
+    tokens: Sequence[Sequence[int]] | torch.Tensor,
+    last_positions: torch.Tensor | None = None,
+    *,
+    batch_size: int = 32,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+) -> torch.Tensor:
+    """``[batch, d_vocab]`` float32 logits at each prompt's last position (ragged lists or ``[batch, pos]``).
+
+    ``fwd_hooks`` are applied inside ``model.hooks(...)`` for every chunk (removed afterwards); a
+    hook sees the chunk ``[b, width, ...]``, with ``width`` the chunk's longest prompt.
+    """
+    padded, last = padded_batch(model, tokens, last_positions)
+    device = getattr(model.cfg, "device", None) or "cpu"
+    out = []
+    for _, chunk, pos in batch_chunks(padded, last, batch_size):
+        with model.hooks(fwd_hooks=list(fwd_hooks)):
+            logits = model(chunk.to(device))
+        out.append(logits[torch.arange(len(chunk)), pos.to(logits.device)].float().cpu())
+    return torch.cat(out)
+
+
+def scores_from_logits(final: torch.Tensor, answer_ids: torch.Tensor, contrast_ids: torch.Tensor) -> Scores:
+    """:class:`~icl_circuits.scoring.Scores` from ``final [batch, d_vocab]`` (the definitions of
+    :mod:`icl_circuits.scoring`: argmax correct, strict rank, ``logit[a] - logit[c]``, softmax prob)."""
+    a, c = answer_ids.long()[:, None], contrast_ids.long()[:, None]
+    ans = final.gather(1, a)[:, 0]
+    return Scores(
+        correct=final.argmax(-1) == answer_ids,
+        rank=(final > ans[:, None]).sum(-1),
+        logit_diff=ans - final.gather(1, c)[:, 0],
+        prob=final.softmax(-1).gather(1, a)[:, 0],
+    )
+
+
+def label_log_probs(final: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, n_labels]``: log-softmax of ``final [batch, d_vocab]`` restricted to ``label_ids [n_labels]``
+    (renormalised over the labels, as Zhao et al. 2021 read label probabilities)."""
+    return final[:, label_ids.long()].log_softmax(-1)
+
+
+@torch.no_grad()
+def head_logit_attribution(
+    model: Any,
+    tokens: Sequence[Sequence[int]] | torch.Tensor,
+    answer_ids: torch.Tensor,
+    contrast_ids: torch.Tensor,
+    last_positions: torch.Tensor | None = None,
+    *,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """``[batch, layer, head]``: each head's direct effect on ``logit[answer] - logit[contrast]`` at the answer.
+
+    ``dla[b, l, h] = (z[b, t, l, h] @ W_O[l, h]) . (W_U[:, a_b] - W_U[:, c_b]) / scale_b`` with
+    ``z = blocks.{l}.attn.hook_z``, ``t`` the prompt's last position and ``scale_b`` the final
+    LayerNorm's scale there (``ln_final.hook_scale``); equals TransformerLens's
+    ``ActivationCache.stack_head_results(apply_ln=True)`` projected on the same direction. ``b_O`` is
+    shared by all heads and not attributed.
+    """
+    padded, last = padded_batch(model, tokens, last_positions)
+    n = padded.shape[0]
+    if answer_ids.shape != (n,) or contrast_ids.shape != (n,):
+        raise InputError(f"answer_ids/contrast_ids must be [{n}], got {tuple(answer_ids.shape)}, "
+                         f"{tuple(contrast_ids.shape)}")  # fmt: skip
+    L = int(model.cfg.n_layers)
+    W_O = model.W_O.detach().float().cpu()  # [L, H, d_head, d_model]
+    W_U = model.W_U.detach().float().cpu()
+    direction = (W_U[:, answer_ids.long()] - W_U[:, contrast_ids.long()]).T  # [batch, d_model]
+    wanted = {f"blocks.{l}.attn.hook_z" for l in range(L)} | {"ln_final.hook_scale"}
+    device = getattr(model.cfg, "device", None) or "cpu"
+    out = []
+    for rows, chunk, pos in batch_chunks(padded, last, batch_size):
+        _, cache = model.run_with_cache(chunk.to(device), names_filter=lambda name: name in wanted)
+        b = torch.arange(len(chunk))
+        z = torch.stack([cache[f"blocks.{l}.attn.hook_z"][b, pos].float().cpu() for l in range(L)], 1)  # [b, L, H, e]
+        scale = cache["ln_final.hook_scale"][b, pos].float().cpu().reshape(len(chunk), 1, 1)
+        per_head = torch.einsum("blhe,lhed,bd->blh", z, W_O, direction[rows])
+        out.append(per_head / scale)
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- small formatting helpers for readings
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """``x`` with ``digits`` decimals, or ``n/a``."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def head_name(head: Sequence[int]) -> str:
+    return f"L{int(head[0])}H{int(head[1])}"
+
+
+def finite(x: float) -> float | None:
+    """``x`` as a float, ``None`` when NaN or infinite (JSON has no NaN)."""
+    x = float(x)
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def change(a: float | None, b: float | None, tol: float = 0.02) -> str:
+    """``"rises from A to B"``, ``"falls from A to B"`` or ``"stays at A"`` (within ``tol``), computed."""
+    if a is None or b is None:
+        return f"goes from {fmt(a)} to {fmt(b)}"
+    if abs(b - a) <= tol:
+        return f"stays at {fmt(a)} (to {fmt(b)})"
+    return f"{'rises' if b > a else 'falls'} from {fmt(a)} to {fmt(b)}"

@@ -1,0 +1,129 @@
+"""``record-vs-circuit``: the observations side by side, on one page.
+
+A pattern *recorded* in the weights and an *in-context circuit* predict different things: a record
+needs no demos (or one, to say which record), ignores label noise and demo order, fails on labels and
+rules it never stored, and does not need the heads that copy from context; an in-context circuit
+needs demos, follows (or shrinks under) noisy ones, handles arbitrary symbol labels and unseen rules,
+routes information through the label words (Wang et al.), and breaks when its induction heads are
+ablated. This analysis runs ``order``, ``shots-and-noise``, ``unseen-task``, ``repetition``,
+``label-binding`` and ``information-flow`` with their defaults (``n`` passed through) and puts each
+one's headline numbers and reading in one table, with each analysis's main figure below. It draws
+no verdict of its own: every sentence is the reading its analysis computed from its numbers.
+
+Cost: the sum of the six analyses (a few minutes on ``fixture:icl-tiny`` with 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from icl_circuits.analyze.base import Analysis, AnalysisMixin, fmt
+from icl_circuits.analyze.information_flow import run_information_flow
+from icl_circuits.analyze.label_binding import LabelBinding, run_label_binding
+from icl_circuits.analyze.order import run_order
+from icl_circuits.analyze.repetition import run_repetition
+from icl_circuits.analyze.shots_noise import run_shots_and_noise
+from icl_circuits.analyze.unseen_task import run_unseen_task
+from icl_circuits.models import model_info
+from icl_circuits.report import Section, table_html
+
+#: (observation, run function, the headline measures shown in the table: finding key -> label)
+PARTS: tuple[tuple[str, Callable[..., Analysis], dict[str, str]], ...] = (
+    ("order", run_order, {
+        "accuracy": "mean accuracy", "accuracy_range": "range over orders",
+        "calibrated_range": "range, calibrated", "top_head": "head moving most"}),
+    ("shots-and-noise", run_shots_and_noise, {
+        "accuracy_0_shots": "accuracy, 0 shots", "accuracy_max_shots": "accuracy, most shots",
+        "accuracy_half_noise": "accuracy, 50% labels flipped", "beta_half_noise": "shrink beta, 50% flipped"}),
+    ("unseen-task", run_unseen_task, {
+        "seen_accuracy_max_shots": "seen tasks, most shots", "unseen_accuracy_0_shots": "unseen, 0 shots",
+        "unseen_accuracy_max_shots": "unseen, most shots", "top_unseen_head": "top head (unseen)"}),
+    ("repetition", run_repetition, {
+        "accuracy_r1": "accuracy, r = 1", "accuracy_max_r": "accuracy, largest r",
+        "fw_norm_ratio_max_r": "|dW_lin| ratio", "demo_norm_ratio_max_r": "|c_D| ratio"}),
+    ("label-binding", run_label_binding, {"induction_heads": "induction heads"}),
+    ("information-flow", run_information_flow, {
+        "share_S_wp_first_layer": "S_wp share, layer 0", "share_S_pq_last_layer": "S_pq share, last layer",
+        "S_pq_exceeds_S_wp_from_layer": "S_pq > S_wp from layer"}),
+)  # fmt: skip
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return "n/a" if v is None else str(v).lower()
+    return fmt(v) if isinstance(v, float) else str(v)
+
+
+@dataclass(frozen=True)
+class RecordVsCircuit(AnalysisMixin):
+    """The six analyses' results (``parts``, in :data:`PARTS` order)."""
+
+    name: ClassVar[str] = "record-vs-circuit"
+    title: ClassVar[str] = "Record or circuit? The observations side by side"
+    model: str
+    seed: int
+    parts: tuple[Analysis, ...]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per observation: its headline measures (``label: value``) and its reading."""
+        out = []
+        for part, (_, _, keys) in zip(self.parts, PARTS):
+            f = part.findings()
+            measures = "; ".join(f"{label}: {_show(f.get(k))}" for k, label in keys.items())
+            if isinstance(part, LabelBinding):
+                for labels in ("own", "symbols"):
+                    accs = ", ".join(f"{r['task']} {_show(r['accuracy'])} ({_show(r['accuracy_ablated'])})"
+                                     for r in part.rows if r["labels"] == labels)  # fmt: skip
+                    measures += f"; {labels} labels, accuracy (induction heads ablated): {accs}"
+            out.append({"observation": part.name, "measures": measures, "reading": f["reading"]})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"analysis": self.name, "model": self.model, "seed": self.seed, "summary": self.rows(),
+                "parts": {p.name: p.to_dict() for p in self.parts}, "findings": self.findings()}  # fmt: skip
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    def plot(self) -> list[Any]:
+        """The first figure of each analysis. Pure."""
+        return [p.plot()[0] for p in self.parts]
+
+    def sections(self) -> list[Section]:
+        import html
+
+        table = self.to_dataframe()[["observation", "measures"]]
+        out = [Section("The observations", table_html(table, max_rows=20),
+                       "One row per observation with its headline numbers; each section below shows the analysis's "
+                       "main figure and its reading, computed from its numbers.")]  # fmt: skip
+        for part in self.parts:
+            first = part.sections()[0]
+            link = f'<p>Full report: <code>{html.escape(part.name.replace("-", "_"))}.html</code></p>'
+            out.append(Section(f"{part.name}: {first.title}", first.body + link, first.reading))
+        return out
+
+    def markdown(self) -> str:
+        """The summary as a Markdown table (observation | headline measures), e.g. for a README."""
+        lines = ["| observation | measured |", "| --- | --- |"]
+        lines += [f"| `{r['observation']}` | {r['measures'].replace('|', '/')} |" for r in self.rows()]
+        return "\n".join(lines)
+
+    def findings(self) -> dict[str, Any]:
+        return {"reading": " ".join(f"[{r['observation']}] {r['reading']}" for r in self.rows())}
+
+
+def run_record_vs_circuit(
+    model: Any,
+    *,
+    seed: int = 0,
+    n: int | None = None,
+    tasks: Sequence[str] | None = None,
+    progress: bool = True,
+) -> RecordVsCircuit:
+    """Run the six analyses with their defaults (``n`` and ``tasks`` passed through) and collect them."""
+    parts = tuple(run(model, seed=seed, n=n, tasks=tasks, progress=progress) for _, run, _ in PARTS)
+    return RecordVsCircuit(model_info(model).spec, seed, parts)

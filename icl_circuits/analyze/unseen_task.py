@@ -1,0 +1,242 @@
+"""``unseen-task``: tasks whose rule never occurred in training -- accuracy by shots, and the heads responsible.
+
+**Tasks.** On the fixture vocabulary: the rule tasks ``fixture-rule-shiftS`` for every trained shift
+``S`` (``train_shifts`` of the model's ``corpus.json``) are *seen*; shifts up to 8 outside them are
+*unseen* (held out of training; the query is never among the demos, so the demos must reveal the
+shift). For other models: each task (``antonym``, ``country-capital``) is seen and its
+label-substituted variant ``NAME:substituted`` (labels replaced by arbitrary symbols, fresh per
+prompt, the query among the demos) is unseen. Given names are classified the same way
+(``:substituted``, ``fixture-bound-unseen`` and untrained shifts are unseen); when none of them is
+unseen, their substituted variants are added.
+
+**Accuracy by shots** (:func:`icl_circuits.scoring.evaluate`, seed ``seed + k`` at ``k`` shots), per
+task and averaged per group.
+
+**Heads responsible.** At ``head_shots`` demos, each head is mean-ablated alone
+(:func:`icl_circuits.analyze.ablation.head_ablation_effects`); its effect is the change of the mean
+logit difference ``LD = logit[answer] - logit[contrast]`` (negative: the head supports the answer),
+averaged over the tasks of a group. The heads with the most negative effect on unseen tasks are the
+ones responsible; the Pearson correlation of the per-head effects between the groups says whether
+seen and unseen tasks use the same heads.
+
+Cost: ``len(tasks) * len(shots)`` sets of ``n`` prompts, then ``n_layers * n_heads + 2`` forwards
+of ``n`` prompts per task for the ablations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from icl_circuits import corpus
+from icl_circuits.analyze.ablation import head_ablation_effects
+from icl_circuits.analyze.base import (
+    AnalysisMixin,
+    change,
+    check_positive,
+    fmt,
+    head_name,
+    pick_tasks,
+    uses_corpus_vocab,
+)
+from icl_circuits.atp import pearson
+from icl_circuits.errors import InputError, PromptTooLongError
+from icl_circuits.models import model_info
+from icl_circuits.prompts import build_prompts, check_task
+from icl_circuits.report import Section, figure_html, table_html
+from icl_circuits.scoring import evaluate
+from icl_circuits.tasks import SUBSTITUTED_SUFFIX, corpus_config_for, get_task
+
+FIXTURE_SHOTS = (0, 1, 2, 4, 8)
+GROUPS = ("seen", "unseen")
+
+
+def classify(name: str, cfg: corpus.CorpusConfig) -> str:
+    """``"unseen"`` for substituted tasks, ``fixture-bound-unseen`` and shifts outside ``cfg.train_shifts``."""
+    if name.endswith(SUBSTITUTED_SUFFIX) or name == "fixture-bound-unseen":
+        return "unseen"
+    if name.startswith("fixture-rule-shift") and name[len("fixture-rule-shift") :].isdigit():
+        return "seen" if int(name[len("fixture-rule-shift") :]) in cfg.train_shifts else "unseen"
+    return "seen"
+
+
+def default_tasks(model: Any) -> list[str]:
+    """Trained and held-out shifts (fixture vocabulary) or tasks and their substituted variants."""
+    if uses_corpus_vocab(model):
+        cfg = corpus_config_for(model)
+        held = [s for s in range(1, 9) if s not in cfg.train_shifts]
+        return [f"fixture-rule-shift{s}" for s in (*cfg.train_shifts, *held)]
+    return [t for name in pick_tasks(model, None, (), min_shots=2) for t in (name, name + SUBSTITUTED_SUFFIX)]
+
+
+@dataclass(frozen=True)
+class UnseenTask(AnalysisMixin):
+    """``rows``: one per (task, shots) with the task's group and its scores; ``head_effects``: per group,
+    ``[layer, head]`` mean change of ``LD`` when the head is mean-ablated (at ``head_shots``)."""
+
+    name: ClassVar[str] = "unseen-task"
+    title: ClassVar[str] = "Unseen tasks: accuracy by shots and the heads responsible"
+    model: str
+    seed: int
+    n: int
+    head_shots: int
+    rows: tuple[dict[str, Any], ...]
+    head_effects: dict[str, torch.Tensor]
+
+    def group_curve(self, group: str, key: str = "accuracy") -> dict[int, float]:
+        """Mean of ``key`` over the group's tasks, by shots."""
+        out: dict[int, list[float]] = {}
+        for r in self.rows:
+            if r["group"] == group:
+                out.setdefault(r["shots"], []).append(r[key])
+        return {k: sum(v) / len(v) for k, v in sorted(out.items())}
+
+    def top_heads(self, group: str = "unseen", k: int = 3) -> list[tuple[tuple[int, int], float]]:
+        """The ``k`` heads whose ablation lowers the group's ``LD`` most: ``((layer, head), effect)``."""
+        eff = self.head_effects[group]
+        idx = torch.argsort(eff.flatten())[:k]
+        H = eff.shape[1]
+        return [((int(i) // H, int(i) % H), float(eff.flatten()[i])) for i in idx]
+
+    def head_correlation(self) -> float | None:
+        if not all(g in self.head_effects for g in GROUPS):
+            return None
+        return pearson(self.head_effects["seen"].flatten(), self.head_effects["unseen"].flatten())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"analysis": self.name, "model": self.model, "seed": self.seed, "n": self.n,
+                "head_shots": self.head_shots, "rows": [dict(r) for r in self.rows],
+                "head_effects": {g: v.tolist() for g, v in self.head_effects.items()},
+                "findings": self.findings()}  # fmt: skip
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(list(self.rows))
+
+    def plot(self) -> list[Any]:
+        """[accuracy by shots per task (seen solid, unseen dashed), head-ablation heatmaps per group]. Pure."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        acc = go.Figure()
+        for task in dict.fromkeys(r["task"] for r in self.rows):
+            rows = [r for r in self.rows if r["task"] == task]
+            acc.add_trace(go.Scatter(x=[r["shots"] for r in rows], y=[r["accuracy"] for r in rows],
+                                     mode="lines+markers", name=f"{task} ({rows[0]['group']})",
+                                     line={"dash": "dash" if rows[0]["group"] == "unseen" else "solid"}))  # fmt: skip
+        acc.update_layout(title=f"Accuracy by shots, seen (solid) and unseen (dashed) tasks (n={self.n})",
+                          xaxis_title="shots", yaxis_title="accuracy", yaxis_range=[0, 1.05])  # fmt: skip
+        groups = [g for g in GROUPS if g in self.head_effects]
+        heads = make_subplots(rows=1, cols=len(groups), subplot_titles=[f"{g} tasks" for g in groups])
+        bound = max(float(v.abs().max()) for v in self.head_effects.values()) or 1.0
+        for j, g in enumerate(groups, start=1):
+            eff = self.head_effects[g]
+            hm = go.Heatmap(z=eff.numpy(), x=[f"H{h}" for h in range(eff.shape[1])],
+                            y=[f"L{l}" for l in range(eff.shape[0])], coloraxis="coloraxis")  # fmt: skip
+            heads.add_trace(hm, 1, j)
+        heads.update_yaxes(autorange="reversed")
+        heads.update_layout(coloraxis={"colorscale": "RdBu", "cmid": 0.0, "cmin": -bound, "cmax": bound,
+                                       "colorbar": {"title": "change of LD"}},
+                            title=f"Mean-ablating one head at {self.head_shots} shots: change of the logit "
+                                  "difference")  # fmt: skip
+        return [acc, heads]
+
+    def reading(self) -> str:
+        parts = []
+        for g in GROUPS:
+            curve = self.group_curve(g)
+            if curve:
+                ks = list(curve)
+                tasks = sorted({r["task"] for r in self.rows if r["group"] == g})
+                parts.append(f"{g} tasks ({', '.join(tasks)}): mean accuracy {change(curve[ks[0]], curve[ks[-1]])} "
+                             f"from {ks[0]} to {ks[-1]} shots")  # fmt: skip
+        text = "; ".join(parts) + "."
+        if "unseen" in self.head_effects:
+            top = ", ".join(f"{head_name(h)} ({e:+.2f})" for h, e in self.top_heads("unseen"))
+            text += (f" Heads whose ablation lowers the unseen tasks' logit difference most at {self.head_shots} "
+                     f"shots: {top}.")
+        corr = self.head_correlation()
+        if corr is not None:
+            top_seen = ", ".join(head_name(h) for h, _ in self.top_heads("seen"))
+            text += (f" For seen tasks: {top_seen}; the per-head effects of the two groups correlate at r = "
+                     f"{fmt(corr)} over heads.")  # fmt: skip
+        return text
+
+    def sections(self) -> list[Section]:
+        acc, heads = self.plot()
+        return [
+            Section("Accuracy by shots", figure_html(acc), self.reading()),
+            Section("Heads responsible (single-head mean ablation)", figure_html(heads),
+                    "Effect = mean logit difference with the head's hook_z replaced by its per-position mean over the "
+                    "task's prompts, minus the clean one; negative = the head supports the answer."),
+            Section("Numbers", table_html(self.to_dataframe(), max_rows=200)),
+        ]  # fmt: skip
+
+    def findings(self) -> dict[str, Any]:
+        seen, unseen = self.group_curve("seen"), self.group_curve("unseen")
+        top = self.top_heads("unseen", 1) if "unseen" in self.head_effects else []
+        return {
+            "seen_accuracy_max_shots": list(seen.values())[-1] if seen else None,
+            "unseen_accuracy_0_shots": list(unseen.values())[0] if unseen else None,
+            "unseen_accuracy_max_shots": list(unseen.values())[-1] if unseen else None,
+            "max_shots": max((r["shots"] for r in self.rows), default=None),
+            "top_unseen_head": head_name(top[0][0]) if top else None,
+            "head_effect_correlation": self.head_correlation(),
+            "reading": self.reading(),
+        }
+
+
+def run_unseen_task(
+    model: Any,
+    *,
+    seed: int = 0,
+    n: int | None = None,
+    tasks: Sequence[str] | None = None,
+    shots: Sequence[int] | None = None,
+    head_shots: int = 8,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> UnseenTask:
+    """Accuracy by shots of seen and unseen tasks, and single-head ablation effects (module doc).
+
+    Defaults: ``n = 48`` prompts per (task, shots); shots ``0, 1, 2, 4, 8`` (cut at the context).
+
+    Raises:
+        InputError: bad sizes or an empty task list; TaskError: unknown task.
+    """
+    n = 48 if n is None else n
+    check_positive(n=n, head_shots=head_shots)
+    names = list(tasks) if tasks is not None else default_tasks(model)
+    if not names:
+        raise InputError("tasks must name at least one task (see `icl-circuits tasks`)")
+    cfg = corpus_config_for(model)
+    if all(classify(name, cfg) == "seen" for name in names):
+        names += [name + SUBSTITUTED_SUFFIX for name in names]  # no unseen task given: add the substituted variants
+    groups = {name: classify(name, cfg) for name in names}
+    shots = FIXTURE_SHOTS if shots is None else shots
+    rows: list[dict[str, Any]] = []
+    sums: dict[str, list[torch.Tensor]] = {}
+    used: list[int] = []  # the shots of each task's ablation sweep (head_shots, or fewer where the task allows fewer)
+    for name in tqdm(names, desc="unseen-task", disable=not progress):
+        checked = check_task(model, get_task(name, model))
+        for k in [k for k in shots if k <= checked.task.max_shots]:
+            try:
+                ev = evaluate(model, checked.task, [k], n=n, seed=seed, batch_size=batch_size)
+            except PromptTooLongError:
+                break
+            r = ev.rows[0]
+            rows.append({"task": name, "group": groups[name], "shots": k, "n": n, "chance": ev.chance,
+                         "accuracy": r["accuracy"], "logit_diff": r["logit_diff"], "prob": r["prob"]})  # fmt: skip
+        k = min(head_shots, max(r["shots"] for r in rows if r["task"] == name))
+        if k >= 1:
+            used.append(k)
+            ps = build_prompts(model, checked, k, n, seed + k)
+            eff = head_ablation_effects(model, ps.tokens, ps.answer_ids, ps.contrast_ids, batch_size=batch_size)
+            sums.setdefault(groups[name], []).append(eff)
+    effects = {g: torch.stack(v).mean(0) for g, v in sums.items()}
+    return UnseenTask(model_info(model).spec, seed, n, max(used, default=head_shots), tuple(rows), effects)

@@ -1,0 +1,409 @@
+"""Timings (``make bench``): each benchmark against the TransformerLens way of computing the same thing, same run.
+
+Every benchmark is a function ``bench_<name>(quick: bool) -> list[BenchRow]`` registered in
+:data:`BENCHMARKS`; :func:`main` runs them (all, or those named on the command line) and prints one
+table with ``ratio = TransformerLens seconds / our seconds`` (> 1: ours is faster). ``--quick`` lets a
+benchmark cut its slowest part and say so in the row's note. Wall-clock seconds on whatever the
+machine gives (``torch.get_num_threads()`` is printed); warm-up forwards are excluded.
+
+The shared model is a GPT-2-small-sized GPT-2 with random weights (``GPT2Config()``: 12 layers x 12
+heads, d_model 768, 50257-token word-level vocabulary), saved to a temporary folder and loaded with
+:func:`icl_circuits.load_model` like any Hugging Face folder (:func:`gpt2_small_random`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One timing: ours and, where TransformerLens computes the same thing, its way."""
+
+    benchmark: str
+    what: str
+    ours_s: float
+    reference: str = ""
+    reference_s: float | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.reference_s is None else self.reference_s / self.ours_s
+
+
+@contextmanager
+def _timer(out: list[float]) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        out.append(time.perf_counter() - start)
+
+
+_TMP: list[Any] = []  # keeps the temporary model folder alive for the process
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_small_random(seed: int = 0) -> Any:
+    """A GPT-2-small-sized bridge with random weights and a word-level tokenizer (``t1`` ... ``t50256``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from icl_circuits.models import load_model
+
+    cfg = GPT2Config()
+    words = ["<|endoftext|>"] + [f"t{i}" for i in range(1, cfg.vocab_size)]
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=words[0], eos_token=words[0], unk_token=words[0])
+    torch.manual_seed(seed)  # HF initialises weights from the global generator; nothing else here uses it
+    tmp = tempfile.TemporaryDirectory(prefix="icl_circuits_bench_")
+    _TMP.append(tmp)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp.name)
+    tok.save_pretrained(tmp.name)
+    return load_model(tmp.name, device="cpu")
+
+
+def bench_head_scan(quick: bool = False) -> list[BenchRow]:
+    """Head scan of the GPT-2-small-sized model: batch 8 of ``[BOS, r, r]`` with ``|r| = 50``.
+
+    References: ``head_detector.detect_head`` (one sequence per forward) for the induction,
+    previous- and duplicate-token scores; ``patching.generic_activation_patch`` with the z patch
+    setter and a cache of per-position means (one forward per head) for the mean-ablation sweep.
+    ``quick``: the ablation comparison covers only the 12 heads of the last layer.
+    """
+    import pandas as pd
+    from transformer_lens import ActivationCache, patching
+    from transformer_lens.head_detector import detect_head
+
+    from icl_circuits import heads as hd
+    from icl_circuits.head_scan import scan_heads
+    from icl_circuits.io import generator
+
+    model = gpt2_small_random()
+    batch, n = 8, 50
+    tokens = hd.repeated_random_tokens(model, batch, n, generator(0))
+    prefix = hd.repeated_random_tokens(model, batch, n, generator(1), repeats=4)
+    with torch.no_grad():
+        model(tokens[:1, :8])  # warm-up
+    t: list[float] = []
+    with _timer(t), torch.no_grad():
+        hd.attention_scores(model, tokens, n, prefix, 4)
+    texts = [" ".join(model.tokenizer.convert_ids_to_tokens(row[1:].tolist())) for row in tokens]
+    with _timer(t):
+        for kind in ("induction_head", "previous_token_head", "duplicate_token_head"):
+            detect_head(model, texts, kind)
+    with _timer(t):
+        scan = scan_heads(model, seq_len=n, batch=batch, seed=0, ablation=False, progress=False)
+    rows = [
+        BenchRow("head_scan", "attention scores (4 metrics, 144 heads)", t[0],
+                 "detect_head x3 kinds, 8 seqs", t[1], "2 batched forwards vs 24 single-sequence forwards"),
+        BenchRow("head_scan", "scan without ablation (+copying, composition)", t[2], "", None,
+                 f"max induction {float(scan.scores['induction'].max()):.3f} (random weights)"),
+    ]
+    all_heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    subset = [(model.cfg.n_layers - 1, h) for h in range(model.cfg.n_heads)] if quick else all_heads
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names)
+    mean_cache = ActivationCache(
+        {k: cache[k].mean(0, keepdim=True).expand_as(cache[k]).clone() for k in z_names}, model
+    )
+    del cache
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(hd.in_context_score(logits, tokens, n))
+
+    t = []
+    with _timer(t):
+        ours = hd.mean_ablation_sweep(model, tokens, n, subset, progress=False).loss_effect
+    with _timer(t), torch.no_grad():
+        index_df = pd.DataFrame(subset, columns=["layer", "head"])
+        theirs = patching.generic_activation_patch(
+            model, tokens, mean_cache, metric, patching.layer_head_vector_patch_setter, "z", index_df=index_df
+        )
+    clean = hd.in_context_score(model(tokens).detach(), tokens, n)
+    gap = max(abs(float(ours[l, h]) - (float(theirs[i]) - clean)) for i, (l, h) in enumerate(subset))
+    what = f"mean-ablation sweep ({len(subset)} heads)"
+    rows.append(BenchRow("head_scan", what, t[0], "generic_activation_patch (z)", t[1],
+                         f"max |ours - TL| = {gap:.1e} nats"))
+    if quick:
+        est = t[0] * len(all_heads) / len(subset) + rows[1].ours_s
+        rows.append(BenchRow("head_scan", "scan with ablation (144 heads)", est, "", None,
+                             f"ESTIMATE: {len(subset)}-head sweep x {len(all_heads) // len(subset)} + scan"))
+    else:
+        rows.append(BenchRow("head_scan", "scan with ablation (144 heads)", rows[1].ours_s + t[0], "", None,
+                             "scan without ablation + the sweep above"))
+    return rows
+
+
+def bench_fast_weights(quick: bool = False) -> list[BenchRow]:
+    """Fast-weight decomposition of every head of the GPT-2-small-sized model: 8 prompts of 8 demos
+    ``k -> v ;`` (35 tokens) in a word-level vocabulary.
+
+    Reference: TransformerLens's ``run_with_cache`` (full cache) + ``ActivationCache.stack_head_results
+    (pos_slice=-1, apply_ln=True)``, which gives the per-head outputs at the query only; ours gives
+    them too (checked equal) plus the split by source role and demo and both fast-weight matrices.
+    ``quick``: the first 3 layers' heads only.
+    """
+    from icl_circuits import fast_weights as fw
+
+    model = gpt2_small_random()
+    gen = torch.Generator().manual_seed(0)
+    batch, shots, arrow, sep = 8, 8, 3, 4
+    tokens = torch.randint(10, 1000, (batch, 1 + 4 * shots + 2), generator=gen)
+    tokens[:, 0] = 0
+    for i in range(shots):
+        tokens[:, 1 + 4 * i + 1], tokens[:, 1 + 4 * i + 3] = arrow, sep
+    tokens[:, -1] = arrow
+    roles = fw.roles_from_tokens(tokens, arrow_id=arrow, sep_id=sep)
+    layers = range(3) if quick else range(model.cfg.n_layers)
+    heads = [(l, h) for l in layers for h in range(model.cfg.n_heads)]
+    with torch.no_grad():
+        model(tokens[:1, :8])  # warm-up
+    t: list[float] = []
+    with _timer(t):
+        dec = fw.decompose(model, tokens, roles, heads)
+    with _timer(t), torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        theirs = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True)  # [head, batch, d_model]
+    with _timer(t):
+        fw.summarize(model, dec, tokens[:, 1])
+    ours = dec.head_out / dec.final_scale[:, None, None]
+    gap = float((ours.transpose(0, 1) - theirs[: len(heads)]).abs().max())
+    note = f"{len(heads)} heads; max |ours - TL| head output {gap:.1e}"
+    return [
+        BenchRow("fast_weights", "decompose (roles, demos, dW_lin, dW_soft)", t[0],
+                 "run_with_cache + stack_head_results", t[1], note),
+        BenchRow("fast_weights", "summarize (SVDs, reconstruction, logit lens)", t[2], "", None, note),
+    ]  # fmt: skip
+
+
+def _bound_pairs(model: Any, n: int, seed: int) -> Any:
+    """Clean/corrupted ``fixture-bound`` prompts, 8 demos, labels shuffled among the demos in the corrupted one."""
+    from icl_circuits.pairs import patching_batch
+    from icl_circuits.tasks import get_task
+
+    return patching_batch(model, get_task("fixture-bound", model), 8, n, seed, corruption="shuffled_labels")
+
+
+def bench_patching(quick: bool = False) -> list[BenchRow]:
+    """All-heads exact patching of head outputs (all positions, denoising) and AtP / AtP* on the
+    GPT-2-small-sized model, batch 8 x 32 random tokens (corrupted: positions 4..11 re-drawn).
+
+    Reference for exact patching: ``patching.get_act_patch_attn_head_out_all_pos`` (one forward per
+    head, 144) with the same per-example logit-difference metric; ours:
+    :func:`icl_circuits.patching.activation_patch`; the two are checked equal (max |diff| in the note).
+    A second row runs ours with GPT-2's own Python-level GELU (``fast_activations=False``) to show
+    what the fused kernel contributes.
+    Reference for AtP: ``tools.analysis.attribution_patch`` (node granularity, one clean forward and
+    one corrupted forward + backward per example). Then, when ``fixture:icl-tiny`` is built, the
+    agreement of AtP, AtP+QK fix and AtP* (GradDrop) with exact head-output patching on 32
+    ``fixture-bound`` prompt pairs (:func:`_bound_pairs`): Pearson and Spearman over the 16 heads.
+    ``quick``: the TransformerLens loop covers the last layer's 12 heads, its time scaled by 12.
+    """
+    import pandas as pd
+    from transformer_lens import patching as tlp
+    from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attribution_patch
+
+    from icl_circuits.atp import attribution_patch
+    from icl_circuits.models import list_fixtures, load_model
+    from icl_circuits.patching import activation_patch
+
+    model = gpt2_small_random()
+    gen = torch.Generator().manual_seed(0)
+    batch, n_pos = 8, 32
+    clean = torch.randint(1, model.cfg.d_vocab, (batch, n_pos), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 4:12] = torch.randint(1, model.cfg.d_vocab, (batch, 8), generator=gen)
+    answer = torch.randint(1, model.cfg.d_vocab, (batch,), generator=gen)
+    contrast = (answer + 1 + torch.randint(1000, (batch,), generator=gen)) % model.cfg.d_vocab
+    rows_ = torch.arange(batch)
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[rows_, -1, answer] - logits[rows_, -1, contrast]
+
+    with torch.no_grad():
+        model(clean[:1, :8])  # warm-up
+    t: list[float] = []
+    with _timer(t):
+        ours = activation_patch(model, clean, corrupted, answer, contrast, "z", progress=False)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    with _timer(t), torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
+        if quick:
+            index = pd.DataFrame([(n_layers - 1, h) for h in range(n_heads)], columns=["layer", "head"])
+            swept: Any = tlp.get_act_patch_attn_head_out_all_pos(
+                model, corrupted, cache, metric, index_axis_names=None, index_df=index, reduce="none"
+            )
+            theirs = swept.values.reshape(1, n_heads, batch)
+            gap = float((ours.patched_logit_diff[-1:] - theirs).abs().max())
+        else:
+            swept = tlp.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, metric, reduce="none")
+            theirs = swept.values
+            gap = float((ours.patched_logit_diff - theirs).abs().max())
+    ref_s = t[1] * n_layers if quick else t[1]
+    note = f"max |ours - TL| = {gap:.1e} logits" + (f"; TL ESTIMATE: last layer x {n_layers}" if quick else "")
+    rows = [BenchRow("patching", f"exact head-out patching ({n_layers * n_heads} heads)", t[0],
+                     "get_act_patch_attn_head_out_all_pos", ref_s, note)]  # fmt: skip
+    if not quick:
+        t = []
+        with _timer(t):
+            plain = activation_patch(model, clean, corrupted, answer, contrast, "z", fast_activations=False,
+                                     progress=False)  # fmt: skip
+        gap = float((plain.patched_logit_diff - ours.patched_logit_diff).abs().max())
+        rows.append(BenchRow("patching", "  same, GPT-2's own Python GELU kept", t[0],
+                             "get_act_patch_attn_head_out_all_pos", ref_s,
+                             f"fast_activations=False; max |diff| to the fused run {gap:.1e}"))  # fmt: skip
+    t = []
+    with _timer(t):
+        atp = attribution_patch(model, clean, corrupted, answer, contrast, "z", per_position=True, graddrop=False)
+    scores = torch.zeros(n_layers, n_pos, n_heads)
+    with _timer(t):  # TransformerLens's metric sees one example's logits: call it per example, as it loops itself
+        for b in range(batch):
+            a_b, c_b = int(answer[b]), int(contrast[b])
+
+            def metric_b(lg: torch.Tensor, a_b: int = a_b, c_b: int = c_b) -> torch.Tensor:
+                return lg[0, -1, a_b] - lg[0, -1, c_b]
+
+            ref = tl_attribution_patch(model, clean[b : b + 1], corrupted[b : b + 1], metric_b)
+            for node, v in ref.node_scores.items():
+                if node.kind == "attn_head_out":
+                    scores[node.layer, node.position, node.head] += v / batch
+    with _timer(t):
+        attribution_patch(model, clean, corrupted, answer, contrast, "z", graddrop=True)
+    gap = float((atp.atp.mean(-1) - scores).abs().max())
+    rows.append(BenchRow("patching", "AtP, heads x positions", t[0], "tools.analysis.attribution_patch", t[1],
+                         f"z nodes: max |ours - TL| = {gap:.1e}"))  # fmt: skip
+    rows.append(BenchRow("patching", f"AtP* (QK fix + GradDrop, {n_layers} extra backwards)", t[2], "", None,
+                         "no TransformerLens counterpart"))  # fmt: skip
+    if "icl-tiny" in list_fixtures():
+        tiny = load_model("fixture:icl-tiny", device="cpu")
+        pairs = _bound_pairs(tiny, 32, 0)
+        args = (tiny, pairs.clean_tokens, pairs.corrupted_tokens, pairs.answer_tokens, pairs.contrast_tokens, "z")
+        t = []
+        with _timer(t):
+            exact = activation_patch(*args, answer_positions=pairs.last_positions, progress=False)
+        with _timer(t):
+            est = attribution_patch(*args, answer_positions=pairs.last_positions)
+        agree = est.agreement(exact)
+        gap = float((exact.clean_logit_diff - exact.corrupted_logit_diff).mean())
+        corr = "; ".join(f"{k} r={v:.3f} rho={agree.spearman[k]:.3f}" for k, v in agree.pearson.items())
+        rows.append(BenchRow("patching", "icl-tiny bound (32 pairs): AtP* vs exact, 16 heads", t[1], "", None,
+                             f"LD gap {gap:.2f}; exact {t[0]:.2f}s; {corr}"))  # fmt: skip
+    else:
+        rows.append(BenchRow("patching", "icl-tiny bound: AtP/AtP* vs exact", 0.0, "", None,
+                             "SKIPPED: fixture:icl-tiny not built (make fixtures)"))  # fmt: skip
+    return rows
+
+
+def bench_analyses(quick: bool = False) -> list[BenchRow]:
+    """Readouts of the analyses (:mod:`icl_circuits.analyze`) on the GPT-2-small-sized model: 8 prompts of
+    8 demos ``k -> v ;`` (35 tokens).
+
+    References: per-head direct logit attribution -- ``run_with_cache`` + ``ActivationCache.stack_head_results
+    (pos_slice=-1, apply_ln=True)`` projected on ``W_U[:, answer] - W_U[:, contrast]``; single-head mean
+    ablation of the logit difference -- ``patching.generic_activation_patch`` with the z patch setter and a
+    cache of per-position means (one forward per head). Label-word saliency (Wang et al.) has no
+    TransformerLens counterpart. ``quick``: the ablation sweep covers only the 12 heads of the last layer.
+    """
+    import pandas as pd
+    from transformer_lens import ActivationCache, patching
+
+    from icl_circuits.analyze.ablation import head_ablation_effects
+    from icl_circuits.analyze.base import head_logit_attribution
+    from icl_circuits.analyze.information_flow import saliency
+
+    model = gpt2_small_random()
+    gen = torch.Generator().manual_seed(0)
+    batch, shots, arrow, sep = 8, 8, 3, 4
+    tokens = torch.randint(10, 1000, (batch, 1 + 4 * shots + 2), generator=gen)
+    tokens[:, 0] = 0
+    for i in range(shots):
+        tokens[:, 1 + 4 * i + 1], tokens[:, 1 + 4 * i + 3] = arrow, sep
+    tokens[:, -1] = arrow
+    answers, contrasts = tokens[:, 3], tokens[:, 7]
+    rows_idx = torch.arange(batch)
+    with torch.no_grad():
+        model(tokens[:1, :8])  # warm-up
+    t: list[float] = []
+    with _timer(t):
+        ours = head_logit_attribution(model, tokens, answers, contrasts, batch_size=batch)
+    with _timer(t), torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        stacked = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True)  # [L*H, batch, d_model]
+        W_U = model.W_U.detach()
+        theirs = torch.einsum("kbd,db->bk", stacked, W_U[:, answers] - W_U[:, contrasts]).reshape(ours.shape)
+    del cache, stacked
+    rows = [BenchRow("analyses", "head logit attribution (144 heads)", t[0], "run_with_cache + stack_head_results",
+                     t[1], f"max |ours - TL| {float((ours - theirs).abs().max()):.1e} logits")]  # fmt: skip
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    heads = [(L - 1, h) for h in range(H)] if quick else [(l, h) for l in range(L) for h in range(H)]
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names)
+    means = {k: cache[k].mean(0, keepdim=True).expand_as(cache[k]).clone() for k in z_names}
+    mean_cache = ActivationCache(means, model)
+    del cache
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return (logits[rows_idx, -1, answers] - logits[rows_idx, -1, contrasts]).mean()
+
+    t = []
+    with _timer(t):
+        eff = head_ablation_effects(model, tokens, answers, contrasts, heads=heads, batch_size=batch)
+    with _timer(t), torch.no_grad():
+        index_df = pd.DataFrame(heads, columns=["layer", "head"])
+        setter = patching.layer_head_vector_patch_setter
+        patched = patching.generic_activation_patch(model, tokens, mean_cache, metric, setter, "z", index_df=index_df)
+        clean = float(metric(model(tokens)))
+    gap = max(abs(float(eff[l, h]) - (float(patched[i]) - clean)) for i, (l, h) in enumerate(heads))
+    rows.append(BenchRow("analyses", f"single-head mean ablation of LD ({len(heads)} heads)", t[0],
+                         "generic_activation_patch (z)", t[1], f"max |ours - TL| = {gap:.1e} logits"))  # fmt: skip
+    t = []
+    with _timer(t):
+        saliency(model, tokens, answers, batch_size=batch)
+    rows.append(BenchRow("analyses", "label-word saliency I_l (12 layers, grad wrt patterns)", t[0], "", None,
+                         "one forward + backward; no TransformerLens counterpart"))  # fmt: skip
+    return rows
+
+
+BENCHMARKS: list[Callable[[bool], list[BenchRow]]] = [
+    bench_head_scan, bench_fast_weights, bench_patching, bench_analyses,
+]  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m icl_circuits.bench", description=__doc__.split("\n")[0])
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all), e.g. head_scan")
+    p.add_argument("--quick", action="store_true", help="let benchmarks cut their slowest part (noted per row)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    chosen = [b for b in BENCHMARKS if not args.names or b.__name__.removeprefix("bench_") in args.names]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs visible")
+    rows: list[BenchRow] = []
+    for bench in chosen:
+        rows += bench(args.quick)
+    header = f"{'benchmark':<12} {'what':<48} {'ours s':>8} {'TL s':>8} {'TL/ours':>8}  reference; note"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ref = "" if r.reference_s is None else f"{r.reference_s:8.2f}"
+        ratio = "" if r.ratio is None else f"{r.ratio:8.2f}"
+        print(f"{r.benchmark:<12} {r.what:<48} {r.ours_s:8.2f} {ref:>8} {ratio:>8}  {r.reference}; {r.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

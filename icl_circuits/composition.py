@@ -1,0 +1,193 @@
+"""Weight-based head scores: OV copying and Q/K/V composition (Elhage et al. 2021, "A Mathematical Framework").
+
+Row-vector convention, as TransformerLens: a head reads ``x @ W_V`` and writes ``z @ W_O``, so its OV
+circuit is ``W_OV = W_V W_O`` ``[d_model, d_model]`` and its QK circuit ``W_QK = W_Q W_K^T``. Weights are
+the bridge's processed ones (compatibility mode: LayerNorm weights folded into ``W_Q/W_K/W_V``, unembed
+centred); the normalisation itself, biases and rotary position rotations are not part of these
+circuits. Grouped-query models repeat each K/V head to the query heads that share it
+(``repeat_interleave``), as TransformerLens does.
+
+Copying score of head ``(l, h)`` on a token set ``S`` (default: every ordinary token): the full OV
+circuit ``C = W_E[S] W_V W_O W_U[:, S]`` ``[|S|, |S|]`` (row ``i``: attending to token ``S_i``; column
+``j``: effect on the logit of ``S_j``) is summarised by Elhage et al.'s eigenvalue statistic
+``copying = sum_i Re(lambda_i) / sum_i |lambda_i|`` in ``[-1, 1]``: ``+1`` when every eigenvalue is
+positive (the head raises the logit of the token it attends to), ``-1`` for anti-copying, about
+``0`` for a random matrix. (For a real spectrum this is ``2 * positive share - 1``, the positive
+eigenvalue share rescaled to ``[-1, 1]``.) ``C`` is never formed: its non-zero eigenvalues are those
+of ``W_O (W_U[:, S] W_E[S]) W_V`` ``[d_head, d_head]`` (``eig(AB) = eig(BA)``), so the cost is one
+``|S| x d_model^2`` product plus ``n_heads`` tiny eigenproblems -- exact for the whole 50k vocabulary
+of GPT-2 in about a second; ``n_tokens`` samples ``S`` for larger vocabularies.
+
+Composition score of sender head ``A`` (earlier layer) into receiver ``B``:
+``||W_A W_B||_F / (||W_A||_F ||W_B||_F)`` with ``(W_A, W_B) = (W_OV^A, W_QK^B)`` for Q-composition,
+``(W_OV^A, (W_QK^B)^T)`` for K-composition (``A`` writes what ``B``'s keys read) and
+``(W_OV^A, W_OV^B)`` for V-composition. TransformerBridge's ``all_composition_scores`` computes exactly these,
+but broadcasts all pairs at once (8 GB for GPT-2 small); :func:`composition_scores` gets the same numbers
+from ``d_head x d_head`` Gram matrices (checked against TransformerLens and dense products in tests).
+Because random matrices compose a little, Elhage et al. compare with the score of random matrices of
+the same shapes: :func:`composition_baseline` samples Gaussian factors with the model's shapes and
+returns the mean and standard deviation; ``z = (score - mean) / std`` says how far a pair stands out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from icl_circuits.errors import InputError
+from icl_circuits.heads import ordinary_token_ids
+
+MODES = ("Q", "K", "V")
+
+
+def _expand_kv(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``[layer, n_kv, ...]`` -> ``[layer, n_heads, ...]`` by repeat_interleave (no-op without GQA)."""
+    n_kv = w.shape[1]
+    if n_kv == n_heads:
+        return w
+    if n_heads % n_kv:
+        raise InputError(f"{n_kv} key/value heads do not divide {n_heads} query heads")
+    return w.repeat_interleave(n_heads // n_kv, dim=1)
+
+
+def eigenvalue_positivity(matrices: torch.Tensor) -> torch.Tensor:
+    """``[..., d, d]`` -> ``[...]``: ``sum Re(lambda) / sum |lambda|`` of each matrix (0 for the zero matrix)."""
+    eig = torch.linalg.eigvals(matrices.double())
+    den = eig.abs().sum(-1)
+    return torch.where(den > 0, eig.real.sum(-1) / den.clamp_min(1e-300), torch.zeros_like(den)).float()
+
+
+@torch.no_grad()
+def copying_scores(
+    model: Any, *, n_tokens: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``[layer, head]`` copying scores of the full OV circuits on the ordinary tokens (or ``n_tokens`` of them).
+
+    ``n_tokens`` draws that many ordinary tokens with ``generator`` (required then); ``None`` uses all.
+    """
+    pool = ordinary_token_ids(model)
+    if n_tokens is not None:
+        if n_tokens < 2:
+            raise InputError(f"n_tokens must be >= 2, got {n_tokens}")
+        if generator is None:
+            raise InputError("n_tokens samples tokens: pass generator=torch.Generator().manual_seed(seed)")
+        if n_tokens < len(pool):
+            pool = pool[torch.randperm(len(pool), generator=generator)[:n_tokens]]
+    W_E = model.W_E.detach().float()  # [vocab, d_model]
+    W_U = model.W_U.detach().float()  # [d_model, vocab]
+    idx = pool.to(W_E.device)
+    G = W_U[:, idx] @ W_E[idx]  # [d_model, d_model]; float32: |S| d_model^2, the one large product
+    W_V = _expand_kv(model.W_V.detach().float(), int(model.cfg.n_heads))  # [layer, head, d_model, d_head]
+    W_O = model.W_O.detach().float()  # [layer, head, d_head, d_model]
+    small = W_O @ G @ W_V  # [layer, head, d_head, d_head]: same non-zero spectrum as C
+    return eigenvalue_positivity(small).cpu()  # eigenvalues in float64
+
+
+def _squared_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||a b^T||_F^2`` for ``a, b [..., d_model, d_head]``, from ``d_head x d_head`` Gram matrices."""
+    return (a.transpose(-2, -1) @ a * (b.transpose(-2, -1) @ b)).sum((-2, -1))
+
+
+def _receiver_factors(W: dict[str, torch.Tensor], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, R)`` with the receiver's matrix ``= P R^T``: W_QK for Q, W_QK^T for K, W_OV for V."""
+    if mode == "Q":
+        return W["Q"], W["K"]
+    if mode == "K":
+        return W["K"], W["Q"]
+    return W["V"], W["O"].transpose(-2, -1)
+
+
+def _scores_into(V: torch.Tensor, O: torch.Tensor, P: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``[senders, receivers]`` composition of sender OV ``V O`` into receiver ``P R^T``.
+
+    ``V, P, R [n, d_model, d_head]``, ``O [n, d_head, d_model]``. With ``M = O_A P_B``:
+    ``||V_A O_A P_B R_B^T||_F^2 = sum((G_A M) * (M H_B))``, ``G = V^T V``, ``H = R^T R`` -- exact, and
+    no ``d_model x d_model`` matrix is formed.
+    """
+    G = V.transpose(-2, -1) @ V  # [s, d_head, d_head]
+    H = R.transpose(-2, -1) @ R  # [r, d_head, d_head]
+    # [s, r, d_head, d_head]: one GEMM, the only O(d_model) work per pair; float32 there (relative error
+    # ~1e-7), float64 for the Gram contractions whose terms partly cancel.
+    M = torch.einsum("sij,rjk->srik", O.float(), P.float()).double()
+    sq = (torch.einsum("sij,srjk->srik", G, M) * torch.einsum("srij,rjk->srik", M, H)).sum((-2, -1))
+    norm_a = _squared_norms(V, O.transpose(-2, -1)).sqrt()  # ||V O||_F
+    norm_b = _squared_norms(P, R).sqrt()
+    return sq.clamp_min(0).sqrt() / norm_a[:, None] / norm_b[None, :]
+
+
+def _weights(model: Any) -> dict[str, torch.Tensor]:
+    n = int(model.cfg.n_heads)
+    return {
+        "Q": model.W_Q.detach().double(),
+        "K": _expand_kv(model.W_K.detach().double(), n),
+        "V": _expand_kv(model.W_V.detach().double(), n),
+        "O": model.W_O.detach().double(),
+    }
+
+
+@torch.no_grad()
+def composition_scores(model: Any, mode: str) -> torch.Tensor:
+    """``[layer_A, head_A, layer_B, head_B]``: ``mode`` composition of sender A into receiver B.
+
+    Zero unless A's layer is below B's. Equal to ``TransformerBridge.all_composition_scores(mode)``
+    (tests/test_heads.py checks it), computed receiver layer by receiver layer from ``d_head``-sized
+    products: TransformerLens broadcasts every pair to ``[L, H, L, H, d_head, d_model]`` (8 GB and
+    ~50 s per mode for GPT-2 small on 2 cores); this takes a few seconds and ~60 MB.
+    """
+    if mode not in MODES:
+        raise InputError(f"composition mode must be one of {MODES}, got {mode!r}")
+    W = _weights(model)
+    P, R = _receiver_factors(W, mode)
+    L, H = W["Q"].shape[:2]
+    out = torch.zeros(L, H, L, H, dtype=torch.float64)
+    for b in range(1, L):
+        V, O = W["V"][:b].flatten(0, 1), W["O"][:b].flatten(0, 1)  # every head of the layers below b
+        out[:b, :, b] = _scores_into(V, O, P[b], R[b]).reshape(b, H, H)
+    return out.float().cpu()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Composition score of random matrices with the model's shapes: mean and std over ``n`` draws."""
+
+    mean: float
+    std: float
+    n: int
+
+
+@torch.no_grad()
+def composition_baseline(
+    d_model: int, d_head: int, mode: str, *, n: int = 200, generator: torch.Generator
+) -> Baseline:
+    """Scores of ``n`` pairs of random heads.
+
+    Random heads have i.i.d. Gaussian ``W_Q, W_K, W_V [d_model, d_head]`` and ``W_O [d_head, d_model]``;
+    the score is scale-free, so the Gaussian's variance does not matter, only the shapes do.
+    Draw order: sender ``W_V``, ``W_O``, then the receiver's two factors (``W_Q, W_K`` or ``W_V, W_O``).
+    """
+    if mode not in MODES:
+        raise InputError(f"composition mode must be one of {MODES}, got {mode!r}")
+    if n < 2:
+        raise InputError(f"need n >= 2 random draws for a standard deviation, got {n}")
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(n, *shape, generator=generator, dtype=torch.float64)
+
+    V, O = randn(d_model, d_head), randn(d_head, d_model)
+    first, second = randn(d_model, d_head), (randn(d_head, d_model) if mode == "V" else randn(d_model, d_head))
+    W = {"Q": first, "K": second, "V": first, "O": second}
+    P, R = _receiver_factors(W, mode)
+    G, H = V.transpose(-2, -1) @ V, R.transpose(-2, -1) @ R  # draw i's sender with draw i's receiver
+    M = O @ P
+    s = ((G @ M) * (M @ H)).sum((-2, -1)).sqrt() / _squared_norms(V, O.transpose(-2, -1)).sqrt()
+    s = s / _squared_norms(P, R).sqrt()
+    return Baseline(mean=float(s.mean()), std=float(s.std()), n=n)
+
+
+def layer_mask(n_layers: int, n_heads: int) -> torch.Tensor:
+    """``[L, H, L, H]`` bool: True where the sender's layer is below the receiver's (the pairs that can compose)."""
+    lay = torch.arange(n_layers)
+    m = lay[:, None] < lay[None, :]
+    return m[:, None, :, None].expand(n_layers, n_heads, n_layers, n_heads)

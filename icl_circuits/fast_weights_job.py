@@ -1,0 +1,191 @@
+"""The ``icl-circuits fast-weights`` job: decomposition, transplant and predictions on one task, as JSON + HTML.
+
+``run_fast_weights(model, task, shots)`` draws ``n_prompts`` prompts of the task (seeded), decomposes
+every head (or the given heads) with :mod:`icl_circuits.fast_weights`, picks the ``n_top`` heads
+whose demo part gives the answer the largest logit-lens logit (``heads="auto"``), then runs the
+transplant test (:mod:`icl_circuits.transplant`; only for tasks with a fixed input -> output map) and
+the predictions (:mod:`icl_circuits.fast_weight_predictions`) on those heads.
+:func:`write_fast_weights` writes ``fast_weights.json`` and a self-contained ``fast_weights.html``.
+
+JSON: ``{"model", "task", "shots", "heads": [{"layer", "head", "effective_rank", "singular_values",
+"reconstruction_cosine", "demo_share", ...}], "transplant": {"zero_shot_acc", "with_vector_acc",
+"random_control_acc", "shuffled_control_acc", ...} | null, "transplant_skipped": reason | null,
+"top_heads", "predictions", "sum_check_max_abs_error", "provenance"}``.
+
+Cost: one forward for the decomposition, the transplant test's and the predictions' forwards
+(see those modules); about a minute on the fixture on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icl_circuits import fast_weights as fw
+from icl_circuits.errors import TaskError
+from icl_circuits.fast_weight_predictions import Predictions, measure_predictions
+from icl_circuits.prompt_roles import render_examples
+from icl_circuits.transplant import TransplantResult, transplant_test
+
+
+@dataclass(frozen=True)
+class FastWeightsRun:
+    """Everything one ``fast-weights`` run measured."""
+
+    fast_weights: fw.FastWeights
+    top_heads: tuple[tuple[int, int], ...]
+    transplant: TransplantResult | None
+    transplant_skipped: str | None
+    predictions: Predictions | None
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        f = self.fast_weights
+        return {
+            "model": f.model, "task": f.task, "shots": f.shots, "n_prompts": f.n_prompts,
+            "sum_check_max_abs_error": f.max_sum_error,
+            "heads": f.head_dicts(),
+            "top_heads": [list(h) for h in self.top_heads],
+            "transplant": None if self.transplant is None else self.transplant.to_dict(),
+            "transplant_skipped": self.transplant_skipped,
+            "predictions": None if self.predictions is None else self.predictions.to_dict(),
+            "settings": dict(self.settings),
+        }  # fmt: skip
+
+    def to_dataframe(self) -> Any:  # pandas.DataFrame
+        return self.fast_weights.to_dataframe()
+
+    def plot(self) -> list[Any]:  # list[plotly Figure]
+        figs = list(self.fast_weights.plot())
+        figs += self.transplant.plot() if self.transplant is not None else []
+        figs += self.predictions.plot() if self.predictions is not None else []
+        return figs
+
+    def _repr_html_(self) -> str:
+        return self.fast_weights._repr_html_()
+
+    def sections(self) -> list[Any]:
+        """The report's sections (:class:`icl_circuits.report.Section`)."""
+        from icl_circuits.report import Section, figure_html, table_html
+
+        f = self.fast_weights
+        df = f.to_dataframe().sort_values("answer_dla", ascending=False)
+        cols = ["layer", "head", "demo_share", "answer_dla", "effective_rank", "rank90", "reconstruction_cosine",
+                "soft_reconstruction_cosine", "explained_variance", "top_tokens"]  # fmt: skip
+        top = df.iloc[0].to_dict()
+        spec, roles, demos = f.plot()
+        out = [
+            Section("Heads: the demos' share, fast-weight rank and reconstruction", table_html(df[cols]),
+                    f"{f.n_prompts} prompts of {f.task} with {f.shots} shots. The split of each head's output into "
+                    f"roles adds up to TransformerLens's hook_z @ W_O to {f.max_sum_error:.1e}. Top head by the demo "
+                    f"part's answer logit: L{top['layer']}H{top['head']} (demo share {top['demo_share']:.2f}, "
+                    f"answer logit "
+                    f"{top['answer_dla']:.2f}); its linear fast weight dW_lin reproduces the demo part with mean "
+                    f"cosine "
+                    f"{top['reconstruction_cosine']:.2f} (softmax-weighted: {top['soft_reconstruction_cosine']:.2f})."),
+            Section("Singular spectra of dW_lin", figure_html(spec),
+                    f"Participation ratio of the top head: {top['effective_rank']:.2f}; rank holding 90% of the "
+                    f"energy: {top['rank90']:.1f}."),
+            Section("Where the head output comes from (source roles)", figure_html(roles)),
+            Section("Per-demo contributions (logit lens on the answer)", figure_html(demos)),
+        ]  # fmt: skip
+        if self.transplant is not None:
+            t = self.transplant
+            bars, sweep = t.plot()
+            out.append(Section(
+                "Transplant: the task vector on held-out zero-shot queries", figure_html(bars) + figure_html(sweep),
+                f"Task vector = sum of the mean demo parts of heads {[list(h) for h in t.heads]} (per fold). "
+                f"On {t.n_test} held-out zero-shot queries: zero-shot {t.zero_shot_acc:.2f}, with the vector "
+                f"{t.with_vector_acc:.2f}, random vector of equal norm {t.random_control_acc:.2f}, vector from "
+                f"shuffled-label demos {t.shuffled_control_acc:.2f}; layer chosen on validation: {list(t.layers)}.",
+            ))  # fmt: skip
+        else:
+            out.append(Section("Transplant", "<p>Not run.</p>", self.transplant_skipped or ""))
+        if self.predictions is not None:
+            p = self.predictions
+            figs = "".join(figure_html(x) for x in p.plot())
+            out.append(Section("The fast-weight predictions, measured", figs + table_html(p.to_dataframe()),
+                               _prediction_reading(p)))  # fmt: skip
+        return out
+
+
+def _prediction_reading(p: Predictions) -> str:
+    parts = []
+    if len(p.repetition) > 1:
+        a, b = p.repetition[0], p.repetition[-1]
+        parts.append(f"Repeating the demos {b['repeat']}x: |dW_lin| x{b['fw_norm'] / max(a['fw_norm'], 1e-30):.2f}, "
+                     f"|c_D| x{b['demo_norm'] / max(a['demo_norm'], 1e-30):.2f}, accuracy {a['accuracy']:.2f} -> "
+                     f"{b['accuracy']:.2f}.")  # fmt: skip
+    if len(p.noise) > 1:
+        parts.append("Label noise: shrinkage beta " + ", ".join(f"{r['noise']:.2f}: {r['shrinkage_beta']:.2f}"
+                                                                for r in p.noise) + ".")  # fmt: skip
+    if p.order:
+        rel = np.mean([r["fw_rel_change"] for r in p.order])
+        other = np.mean([r["fw_rel_change_other_demos"] for r in p.order])
+        parts.append(
+            f"Reordering the demos changes dW_lin by {rel:.2f} of its norm (other prompts' demos: {other:.2f})."
+        )
+    return " ".join(parts)
+
+
+def run_fast_weights(
+    model: Any,
+    task: str,
+    shots: int,
+    *,
+    heads: str | Sequence[tuple[int, int]] = "auto",
+    n_top: int = 4,
+    n_prompts: int = 64,
+    seed: int = 0,
+    transplant: bool = True,
+    predictions: bool = True,
+) -> FastWeightsRun:
+    """Decompose, read out, transplant and test the predictions on ``task`` (see module doc).
+
+    Raises:
+        TaskError: unknown task, bad shots; InputError: bad heads.
+    """
+    from icl_circuits.prompts import check_task
+    from icl_circuits.tasks import get_task
+
+    t = get_task(task, model)
+    checked = check_task(model, t)
+    checked.task.check_shots(shots)
+    rng = np.random.default_rng(seed)
+    examples = [checked.task.draw(rng, shots) for _ in range(n_prompts)]
+    tokens, roles, answers, contrasts = render_examples(model, checked, examples)
+    chosen = None if heads == "auto" else fw.parse_heads(heads, model)
+    dec = fw.decompose(model, tokens, roles, chosen)
+    result = fw.summarize(model, dec, answers, contrasts, task=checked.task.name, shots=shots)
+    top = tuple(result.best(n_top)) if heads == "auto" else tuple(result.heads)
+    tr, skipped = None, None
+    if transplant:
+        try:
+            tr = transplant_test(model, checked.task, shots, heads="auto" if heads == "auto" else list(top),
+                                 n_heads=n_top, n_prompts=n_prompts, seed=seed)  # fmt: skip
+        except TaskError as e:
+            skipped = str(e)
+    else:
+        skipped = "disabled"
+    pred = measure_predictions(model, checked.task, shots, top, n_prompts=n_prompts, seed=seed) if predictions else None
+    settings = {"heads": heads if isinstance(heads, str) else [list(h) for h in heads], "n_top": n_top,
+                "n_prompts": n_prompts, "seed": seed}  # fmt: skip
+    return FastWeightsRun(result, top, tr, skipped, pred, settings)
+
+
+def write_fast_weights(run: FastWeightsRun, out: str | os.PathLike[str], provenance: dict[str, Any]) -> list[Path]:
+    """Write ``out/fast_weights.json`` and ``out/fast_weights.html`` (atomically); returns their paths."""
+    from icl_circuits.io import atomic_write_json
+    from icl_circuits.report import write_report
+
+    out = Path(out)
+    data = {**run.to_dict(), "provenance": provenance}
+    j = atomic_write_json(out / "fast_weights.json", data)
+    title = f"Fast weights: {run.fast_weights.task} on {run.fast_weights.model}"
+    h = write_report(out / "fast_weights.html", title, run.sections(), provenance)
+    return [j, h]

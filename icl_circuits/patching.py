@@ -1,0 +1,412 @@
+"""Exact activation patching, batched: many patches per forward, each started at its own layer.
+
+Setting (Meng et al. 2022; Heimersheim & Nanda 2024, "How to use and interpret activation patching").
+A clean and a corrupted prompt of equal length; the **logit difference** at the answer position,
+``LD = logit[answer] - logit[contrast]``. A patch copies one activation (a head's output ``z``, query
+``q``, key ``k``, value ``v``, attention pattern, or the residual stream at one position) from a
+*source* run into a *base* run and reads the base run's ``LD``:
+
+* ``direction="denoising"``: base = corrupted prompt, source = clean (what TransformerLens's
+  ``get_act_patch_*`` functions compute with ``clean_cache``). The normalised value says how much
+  of the clean behaviour the activation alone **restores**: 0 = none, 1 = all.
+* ``direction="noising"``: base = clean prompt, source = corrupted. The normalised value says how
+  much of the clean behaviour **remains** with the activation corrupted: 1 = the patch did nothing,
+  0 = it destroyed the behaviour (below 0: pushed past the corrupted run).
+
+Both use the same normalisation, per example ``b``::
+
+    normalised_b = (LD_patched_b - LD_corrupted_b) / (LD_clean_b - LD_corrupted_b)
+
+and, for the batch, the ratio of means ``(mean LD_patched - mean LD_corrupted) / (mean LD_clean -
+mean LD_corrupted)`` (:meth:`PatchEffects.mean`; the gap-weighted mean of the per-example values,
+robust to an example whose clean and corrupted runs barely differ), with a percentile bootstrap
+interval over examples (:meth:`PatchEffects.bootstrap_ci`, seeded generator). :meth:`PatchEffects.effect`
+is ``mean - baseline`` (0 = no effect in either direction).
+
+Speed: TransformerLens runs one full forward of the batch per patch. Here every patch of layer ``l``
+is one copy of the batch in a tiled forward that starts at block ``l`` from the cached residual (a
+head-output patch starts after the layer's attention, adding ``(z' - z) @ W_O`` to the cached
+mid-residual), runs the last block's MLP at the answer position only, and unembeds only the
+answer-minus-contrast column there (:mod:`icl_circuits.resume`, shortcuts verified per model); a
+patch that copies a value equal to the base run's (a position before the first differing token) is
+the identity and is not run. Cost of all-heads patching: ``H * B`` sequences through ``L - l``
+blocks for layer ``l`` (half the model on average), no unembedding, against ``L * H`` full
+forwards of ``B`` sequences with the ``[B, pos, d_vocab]`` unembedding. The numbers equal
+TransformerLens's on the same inputs (tests/test_patching.py, to 1e-4); ``make bench`` times both.
+
+Grouped-query models: ``k`` and ``v`` are patched per key/value head (``n_key_value_heads`` on the
+head axis), as in TransformerLens.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from icl_circuits.errors import InputError
+from icl_circuits.resume import BaseRun, capture_run, fused_activations
+
+ACTIVATIONS = ("z", "q", "k", "v", "pattern", "resid_pre")
+DIRECTIONS = ("denoising", "noising")
+Direction = Literal["denoising", "noising"]
+
+
+@dataclass(frozen=True)
+class PatchEffects:
+    """Logit differences of patched runs, per grid cell and example, with their two baselines.
+
+    ``patched_logit_diff [*grid, batch]`` over the axes ``axis_names`` (``("layer", "head")``,
+    ``("layer", "pos", "head")`` or ``("layer", "pos")``); ``clean_logit_diff`` and
+    ``corrupted_logit_diff [batch]``. ``method`` is ``"exact"`` for activation patching, or the
+    name of the estimator when :mod:`icl_circuits.atp` fills it with estimated logit differences.
+    """
+
+    activation: str
+    direction: str
+    axis_names: tuple[str, ...]
+    patched_logit_diff: torch.Tensor
+    clean_logit_diff: torch.Tensor
+    corrupted_logit_diff: torch.Tensor
+    method: str = "exact"
+
+    @property
+    def baseline(self) -> float:
+        """The normalised value of an ineffective patch: 0 for denoising, 1 for noising."""
+        return 0.0 if self.direction == "denoising" else 1.0
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(self.patched_logit_diff.shape[:-1])
+
+    def per_example(self) -> torch.Tensor:
+        """``[*grid, batch]``: ``(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted)`` per example."""
+        gap = self.clean_logit_diff - self.corrupted_logit_diff
+        return (self.patched_logit_diff - self.corrupted_logit_diff) / gap
+
+    def _ratio_of_means(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch-normalised value; ``weights [R, batch]`` (resample counts) gives ``[*grid, R]``."""
+        gap = self.clean_logit_diff - self.corrupted_logit_diff
+        moved = self.patched_logit_diff - self.corrupted_logit_diff
+        if weights is None:
+            return moved.mean(-1) / gap.mean()
+        return (moved @ weights.T) / (weights @ gap)
+
+    def mean(self) -> torch.Tensor:
+        """``[*grid]``: ``(mean LD_patched - mean LD_corrupted) / (mean LD_clean - mean LD_corrupted)``."""
+        return self._ratio_of_means()
+
+    def effect(self) -> torch.Tensor:
+        """``[*grid]``: ``mean() - baseline`` -- 0 for no effect, in both directions."""
+        return self.mean() - self.baseline
+
+    def bootstrap_ci(
+        self, confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Percentile bootstrap interval of :meth:`mean` over examples: ``(low [*grid], high [*grid])``."""
+        if not 0.0 < confidence < 1.0 or n_resamples < 1:
+            raise InputError(f"need 0 < confidence < 1 and n_resamples >= 1, got {confidence}, {n_resamples}")
+        batch = int(self.patched_logit_diff.shape[-1])
+        gen = torch.Generator().manual_seed(int(seed))
+        idx = torch.randint(batch, (n_resamples, batch), generator=gen)
+        counts = torch.zeros(n_resamples, batch).scatter_add_(1, idx, torch.ones(n_resamples, batch))
+        stats = self._ratio_of_means(counts.to(self.patched_logit_diff.dtype))
+        alpha = (1.0 - confidence) / 2
+        q = torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype)
+        low, high = torch.quantile(stats, q, dim=-1)
+        return low, high
+
+    def cells(self) -> list[tuple[int, ...]]:
+        """Every grid index, in row-major order."""
+        return list(itertools.product(*(range(s) for s in self.grid_shape)))
+
+    def to_dataframe(self, per_example: bool = False, seed: int = 0) -> Any:
+        """One row per grid cell (``mean``, ``effect``, 95% bootstrap ``ci_low``/``ci_high``), or with
+        ``per_example=True`` one row per (cell, example) with ``logit_diff`` and ``normalised``."""
+        import pandas as pd
+
+        cells = self.cells()
+        if per_example:
+            ld = self.patched_logit_diff.reshape(len(cells), -1)
+            norm = self.per_example().reshape(len(cells), -1)
+            rows = [
+                {**dict(zip(self.axis_names, c)), "example": b, "logit_diff": float(ld[i, b]),
+                 "normalised": float(norm[i, b])}
+                for i, c in enumerate(cells) for b in range(ld.shape[1])
+            ]  # fmt: skip
+            return pd.DataFrame(rows)
+        mean, effect = self.mean().reshape(-1), self.effect().reshape(-1)
+        low, high = (t.reshape(-1) for t in self.bootstrap_ci(seed=seed))
+        rows = [
+            {**dict(zip(self.axis_names, c)), "mean": float(mean[i]), "effect": float(effect[i]),
+             "ci_low": float(low[i]), "ci_high": float(high[i])}
+            for i, c in enumerate(cells)
+        ]  # fmt: skip
+        return pd.DataFrame(rows)
+
+    def plot(self) -> Any:
+        """A plotly heatmap of :meth:`effect`: layer x head, layer x position, or (layer, head) x position."""
+        import plotly.graph_objects as go
+
+        eff = self.effect().detach().float()
+        if self.axis_names == ("layer", "pos", "head"):
+            n_l, n_p, n_h = eff.shape
+            z = eff.permute(0, 2, 1).reshape(n_l * n_h, n_p)
+            y = [f"L{l}H{h}" for l in range(n_l) for h in range(n_h)]
+            x_title, y_title = "position", "head"
+        else:
+            z = eff
+            y = [f"L{l}" for l in range(eff.shape[0])]
+            x_title, y_title = self.axis_names[1], "layer"
+        bound = float(z.abs().max()) or 1.0
+        fig = go.Figure(go.Heatmap(z=z.numpy(), y=y, colorscale="RdBu", zmid=0.0, zmin=-bound, zmax=bound,
+                                   colorbar={"title": "effect"}))  # fmt: skip
+        what = "restored by" if self.direction == "denoising" else "lost by"
+        fig.update_layout(
+            title=f"{self.method} patching of {self.activation} ({self.direction}): share of clean logit "
+            f"difference {what} the patch, batch-normalised",
+            xaxis_title=x_title, yaxis_title=y_title, yaxis_autorange="reversed",
+        )  # fmt: skip
+        return fig
+
+    def summary(self) -> str:
+        eff = self.effect()
+        top = torch.topk(eff.abs().reshape(-1), k=min(5, eff.numel())).indices
+        cells = self.cells()
+        best = ", ".join(f"{cells[int(i)]}: {float(eff.reshape(-1)[int(i)]):+.3f}" for i in top)
+        return (
+            f"{self.method} patching of {self.activation}, {self.direction}, grid {self.axis_names} "
+            f"{list(self.grid_shape)}, batch {self.patched_logit_diff.shape[-1]}; clean LD "
+            f"{float(self.clean_logit_diff.mean()):.3f}, corrupted LD {float(self.corrupted_logit_diff.mean()):.3f}; "
+            f"largest effects {best}"
+        )
+
+    def _repr_html_(self) -> str:
+        import html
+
+        from icl_circuits.report import table_html
+
+        df = self.to_dataframe()
+        df = df.reindex(df["effect"].abs().sort_values(ascending=False).index)
+        return f"<div><pre>{html.escape(self.summary())}</pre>{table_html(df, max_rows=12)}</div>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "activation": self.activation, "direction": self.direction, "method": self.method,
+            "axis_names": list(self.axis_names), "patched_logit_diff": self.patched_logit_diff.tolist(),
+            "clean_logit_diff": self.clean_logit_diff.tolist(),
+            "corrupted_logit_diff": self.corrupted_logit_diff.tolist(), "mean": self.mean().tolist(),
+        }  # fmt: skip
+
+
+def check_inputs(
+    model: Any,
+    clean_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor,
+    answer_tokens: torch.Tensor,
+    contrast_tokens: torch.Tensor,
+    answer_positions: torch.Tensor | None,
+    direction: str,
+) -> torch.Tensor:
+    """Validate a clean/corrupted batch; return ``answer_positions [batch]`` (default: the last position)."""
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if getattr(model, "training", False):
+        raise InputError("the model is in training mode (dropout would differ between runs); call model.eval()")
+    for name, t in (("clean_tokens", clean_tokens), ("corrupted_tokens", corrupted_tokens)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.is_floating_point():
+            raise InputError(f"{name} must be an integer tensor [batch, pos], got {getattr(t, 'shape', type(t))}")
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise InputError(
+            f"clean and corrupted tokens must have the same shape (positions must align), got "
+            f"{list(clean_tokens.shape)} and {list(corrupted_tokens.shape)}"
+        )
+    batch, n_pos = clean_tokens.shape
+    vocab = int(model.cfg.d_vocab)
+    for name, t in (("answer_tokens", answer_tokens), ("contrast_tokens", contrast_tokens)):
+        if not isinstance(t, torch.Tensor) or t.shape != (batch,) or t.is_floating_point():
+            raise InputError(f"{name} must be an integer tensor [batch={batch}], got {getattr(t, 'shape', type(t))}")
+        if int(t.min()) < 0 or int(t.max()) >= vocab:
+            raise InputError(f"{name} holds ids outside the vocabulary 0..{vocab - 1}")
+    if bool((answer_tokens == contrast_tokens).any()):
+        raise InputError("an answer token equals its contrast token: the logit difference would be 0")
+    if answer_positions is None:
+        return torch.full((batch,), n_pos - 1, dtype=torch.long)
+    if answer_positions.shape != (batch,) or int(answer_positions.min()) < 0 or int(answer_positions.max()) >= n_pos:
+        raise InputError(f"answer_positions must be [batch={batch}] with values in 0..{n_pos - 1}")
+    return answer_positions.long()
+
+
+def _hook_name(activation: str, layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_pre" if activation == "resid_pre" else f"blocks.{layer}.attn.hook_{activation}"
+
+
+def _cells(activation: str, per_position: bool, act: torch.Tensor) -> tuple[tuple[str, ...], list[tuple[int, ...]]]:
+    """Axis names (after ``layer``) and the cells of one layer for ``act [batch, ...]``."""
+    if activation == "resid_pre":
+        return ("pos",), [(p,) for p in range(act.shape[1])]
+    n_heads = act.shape[1] if activation == "pattern" else act.shape[2]
+    n_pos = act.shape[2] if activation == "pattern" else act.shape[1]
+    if per_position:
+        return ("pos", "head"), [(p, h) for p in range(n_pos) for h in range(n_heads)]
+    return ("head",), [(h,) for h in range(n_heads)]
+
+
+def _index(activation: str, cell: tuple[int, ...]) -> tuple[Any, ...]:
+    """Index into ``act [batch, ...]`` that a patch of ``cell`` overwrites."""
+    if activation == "resid_pre":
+        return (slice(None), cell[0])
+    if activation == "pattern":
+        return (slice(None), cell[-1]) if len(cell) == 1 else (slice(None), cell[1], cell[0])
+    return (slice(None), slice(None), cell[0]) if len(cell) == 1 else (slice(None), cell[0], cell[1])
+
+
+def _patch_hook(activation: str, cells: list[tuple[int, ...]], src: torch.Tensor, batch: int) -> Any:
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        act = act.clone()
+        for i, cell in enumerate(cells):
+            ix = _index(activation, cell)
+            act[(slice(i * batch, (i + 1) * batch), *ix[1:])] = src[ix]
+        return act
+
+    return hook
+
+
+def _run_patched(
+    base: BaseRun, source: BaseRun, activation: str, name: str, layer: int, cells: list[tuple[int, ...]]
+) -> torch.Tensor:
+    """``[len(cells) * batch]``: one copy of the base batch per cell, each with that cell patched."""
+    batch = base.batch
+    x = base.resid(layer).repeat(len(cells), 1, 1)
+    hooks: list[tuple[str, Any]] = []
+    if activation == "resid_pre":
+        for k, (p,) in enumerate(cells):
+            x[k * batch : (k + 1) * batch, p] = source.resid(layer)[:, p]
+    else:
+        hooks = [(name, _patch_hook(activation, cells, source.acts[name], batch))]
+    return base.logit_diff_from(layer, x, hooks)
+
+
+def _mid_with_heads(
+    model: Any, base: BaseRun, source: BaseRun, layer: int, cells: list[tuple[int, ...]]
+) -> torch.Tensor:
+    """Base mid-residuals of ``layer``, one copy per cell, plus ``(z_source - z_base)[cell] @ W_O[head]``."""
+    batch, name = base.batch, f"blocks.{layer}.attn.hook_z"
+    w_o = model.W_O[layer].detach()  # [head, d_head, d_model]
+    x = base.mid_resid(layer).repeat(len(cells), 1, 1)
+    delta = source.acts[name] - base.acts[name]  # [batch, pos, head, d_head]
+    for k, cell in enumerate(cells):
+        rows = slice(k * batch, (k + 1) * batch)
+        if len(cell) == 1:
+            x[rows] += delta[:, :, cell[0]] @ w_o[cell[0]]
+        else:
+            x[rows, cell[0]] += delta[:, cell[0], cell[1]] @ w_o[cell[1]]
+    return x
+
+
+def activation_patch(
+    model: Any,
+    clean_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor,
+    answer_tokens: torch.Tensor,
+    contrast_tokens: torch.Tensor,
+    activation: str = "z",
+    *,
+    per_position: bool = False,
+    direction: Direction = "denoising",
+    answer_positions: torch.Tensor | None = None,
+    max_rows: int = 256,
+    fast_activations: bool = True,
+    progress: bool = True,
+) -> PatchEffects:
+    """Patch every cell of ``activation`` exactly; the logit difference of each patched run, per example.
+
+    Args:
+        clean_tokens, corrupted_tokens: ``[batch, pos]``, aligned position by position.
+        answer_tokens, contrast_tokens: ``[batch]``; ``LD = logit[answer] - logit[contrast]``.
+        activation: ``"z"`` (head output, as TransformerLens's ``*_attn_head_out_*``), ``"q"``, ``"k"``,
+            ``"v"``, ``"pattern"``, or ``"resid_pre"`` (the residual entering each block; per position).
+        per_position: patch one position at a time: grid ``(layer, pos, head)`` (for ``pattern`` the
+            destination position) instead of ``(layer, head)``.
+        direction: ``"denoising"`` (clean into corrupted) or ``"noising"`` (corrupted into clean).
+        answer_positions: ``[batch]`` where the answer is read (right-padded batches); default last.
+        max_rows: most sequences in one resumed forward (patches x batch), bounding memory.
+        fast_activations: run GPT-2's tanh-GELU as one fused kernel (the same function; see
+            :func:`icl_circuits.resume.fused_activations`); ``False`` keeps the model's own modules.
+
+    Raises:
+        InputError: malformed tokens/answers, unknown activation or direction, a model in training
+            mode, or an architecture whose blocks cannot be resumed from cached inputs.
+    """
+    if activation not in ACTIVATIONS:
+        raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "resid_pre" and not per_position:
+        raise InputError("patching the whole residual stream of a layer restores everything; use per_position=True")
+    if max_rows < 1:
+        raise InputError(f"max_rows must be >= 1, got {max_rows}")
+    positions = check_inputs(model, clean_tokens, corrupted_tokens, answer_tokens, contrast_tokens,
+                             answer_positions, direction)  # fmt: skip
+    with fused_activations(model, fast_activations):
+        return _sweep(model, clean_tokens, corrupted_tokens, answer_tokens, contrast_tokens, activation,
+                      per_position, direction, positions, max_rows, progress)  # fmt: skip
+
+
+def _sweep(
+    model: Any,
+    clean_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor,
+    answer_tokens: torch.Tensor,
+    contrast_tokens: torch.Tensor,
+    activation: str,
+    per_position: bool,
+    direction: str,
+    positions: torch.Tensor,
+    max_rows: int,
+    progress: bool,
+) -> PatchEffects:
+    n_layers = int(model.cfg.n_layers)
+    names = [_hook_name(activation, l) for l in range(n_layers)]
+    clean = capture_run(model, clean_tokens, names, answer_tokens, contrast_tokens, positions)
+    corrupted = capture_run(model, corrupted_tokens, names, answer_tokens, contrast_tokens, positions)
+    base, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
+    base.check()
+    batch = base.batch
+    sub_axes, layer_cells = _cells(activation, per_position, base.acts[names[0]])
+    out = torch.empty(n_layers, len(layer_cells), batch)
+    jobs: list[tuple[int, list[int]]] = []
+    for l in range(n_layers):
+        src, own = source.acts[names[l]], base.acts[names[l]]
+        todo = []
+        for i, cell in enumerate(layer_cells):
+            ix = _index(activation, cell)
+            if torch.equal(src[ix], own[ix]):
+                out[l, i] = base.logit_diff  # copying an equal value is the identity
+            else:
+                todo.append(i)
+        per_chunk = max(1, max_rows // batch)
+        jobs += [(l, todo[j : j + per_chunk]) for j in range(0, len(todo), per_chunk)]
+    use_mid = activation == "z" and base.sequential
+    jobs.sort(key=lambda job: -job[0])  # deepest layer first: the cheapest job verifies the shortcut
+    for j, (l, chunk) in enumerate(tqdm(jobs, desc=f"patching {activation}", unit="fwd", disable=not progress)):
+        cells = [layer_cells[i] for i in chunk]
+        if use_mid:  # a head's output enters the residual as z @ W_O: start after the layer's attention
+            ld = base.logit_diff_from(l, _mid_with_heads(model, base, source, l, cells), mid=True)
+            if j == 0:  # verify the shortcut on this model against patching hook_z, once
+                exact = _run_patched(base, source, activation, names[l], l, cells)
+                if float((ld - exact).abs().max()) > 1e-4 * (1.0 + float(exact.abs().max())):
+                    use_mid, ld = False, exact
+        else:
+            ld = _run_patched(base, source, activation, names[l], l, cells)
+        out[l, chunk] = ld.reshape(len(cells), batch).float()
+    grid = (n_layers, *(len({c[k] for c in layer_cells}) for k in range(len(sub_axes))))
+    return PatchEffects(
+        activation=activation,
+        direction=direction,
+        axis_names=("layer", *sub_axes),
+        patched_logit_diff=out.reshape(*grid, batch),
+        clean_logit_diff=clean.logit_diff,
+        corrupted_logit_diff=corrupted.logit_diff,
+    )

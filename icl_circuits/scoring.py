@@ -1,0 +1,196 @@
+"""Batched scoring of few-shot prompts, and accuracy by number of shots.
+
+For each prompt, at its true last position ``t`` (prompts are right-padded, so earlier positions of
+a causal model are unaffected by padding) with ``logits = model(tokens)[b, t]``:
+
+* ``correct``: ``argmax(logits) == answer`` (the answer's first token);
+* ``rank``: the number of vocabulary entries with a strictly larger logit than the answer (0 = top);
+* ``logit_diff``: ``logits[answer] - logits[contrast]`` (unchanged by the per-position constant
+  that compatibility mode's centred unembedding adds);
+* ``prob``: ``softmax(logits)[answer]``.
+
+Cost: one forward per ``batch_size`` prompts; the full-vocabulary logits of a batch are held at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from icl_circuits.errors import InputError, TaskError
+from icl_circuits.models import model_info
+from icl_circuits.prompts import PromptSet, build_prompts, check_task, pad_right, pad_token_id
+from icl_circuits.tasks import SubstitutedTask, Task, Template, get_task
+
+DEFAULT_SHOTS = (0, 1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-prompt scores, each ``[batch]``: ``correct`` (bool), ``rank`` (long), ``logit_diff``, ``prob``."""
+
+    correct: torch.Tensor
+    rank: torch.Tensor
+    logit_diff: torch.Tensor
+    prob: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.correct.shape[0])
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.float().mean())
+
+    def summary(self) -> dict[str, float]:
+        """Means over prompts: accuracy, rank, logit difference, probability."""
+        return {
+            "accuracy": self.accuracy,
+            "mean_rank": float(self.rank.float().mean()),
+            "logit_diff": float(self.logit_diff.mean()),
+            "prob": float(self.prob.mean()),
+        }
+
+
+@torch.no_grad()
+def score_tokens(
+    model: Any,
+    tokens: Sequence[Sequence[int]] | torch.Tensor,
+    answer_ids: torch.Tensor,
+    contrast_ids: torch.Tensor | None = None,
+    *,
+    last_positions: torch.Tensor | None = None,
+    batch_size: int = 16,
+) -> Scores:
+    """Score prompts ``tokens`` (ragged lists, or ``[batch, pos]`` with ``last_positions [batch]``).
+
+    ``answer_ids``/``contrast_ids [batch]``; without contrasts ``logit_diff`` is NaN.
+    """
+    if isinstance(tokens, torch.Tensor):
+        if tokens.ndim != 2:
+            raise InputError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        padded = tokens.long()
+        last = last_positions if last_positions is not None else torch.full((len(tokens),), tokens.shape[1] - 1)
+    else:
+        padded, last = pad_right(tokens, pad_token_id(model))
+    n = padded.shape[0]
+    if answer_ids.shape != (n,) or (contrast_ids is not None and contrast_ids.shape != (n,)):
+        raise InputError(f"answer_ids/contrast_ids must be [{n}], got {tuple(answer_ids.shape)}")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    device = getattr(model.cfg, "device", None) or "cpu"
+    out: list[torch.Tensor] = []
+    for lo in range(0, n, batch_size):
+        chunk, pos = padded[lo : lo + batch_size], last[lo : lo + batch_size]
+        width = int(pos.max()) + 1  # drop columns that are padding for every prompt of the chunk
+        logits = model(chunk[:, :width].to(device))
+        out.append(logits[torch.arange(len(chunk)), pos.to(logits.device)].float().cpu())
+    final = torch.cat(out)  # [batch, vocab]
+    ans = final.gather(1, answer_ids[:, None].long())[:, 0]
+    diff = (
+        ans - final.gather(1, contrast_ids[:, None].long())[:, 0]
+        if contrast_ids is not None
+        else torch.full_like(ans, float("nan"))
+    )
+    return Scores(
+        correct=final.argmax(-1) == answer_ids,
+        rank=(final > ans[:, None]).sum(-1),
+        logit_diff=diff,
+        prob=final.softmax(-1).gather(1, answer_ids[:, None].long())[:, 0],
+    )
+
+
+def score_prompts(model: Any, prompts: PromptSet, *, batch_size: int = 16) -> Scores:
+    """Score a :class:`~icl_circuits.prompts.PromptSet` (answers and contrasts included)."""
+    return score_tokens(model, prompts.tokens, prompts.answer_ids, prompts.contrast_ids, batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Accuracy (and rank, logit difference, probability) of one task by number of shots."""
+
+    model: str
+    task: str
+    seed: int
+    n: int
+    chance: float
+    rows: tuple[dict[str, Any], ...]
+    dropped_labels: tuple[str, ...] = ()
+    n_dropped_pairs: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def accuracy(self, shots: int) -> float:
+        for r in self.rows:
+            if r["shots"] == shots:
+                return float(r["accuracy"])
+        raise InputError(f"no row for {shots} shots; evaluated {[r['shots'] for r in self.rows]}")
+
+    def to_dataframe(self) -> Any:  # pandas.DataFrame
+        import pandas as pd
+
+        return pd.DataFrame(list(self.rows)).assign(task=self.task, model=self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "task": self.task, "seed": self.seed, "n": self.n, "chance": self.chance,
+            "dropped_labels": list(self.dropped_labels), "n_dropped_pairs": self.n_dropped_pairs,
+            "settings": dict(self.settings), "rows": [dict(r) for r in self.rows],
+        }  # fmt: skip
+
+    def plot(self) -> Any:  # plotly.graph_objects.Figure
+        """Accuracy against shots, with the chance level dashed. Pure: returns the figure."""
+        import plotly.graph_objects as go
+
+        shots = [r["shots"] for r in self.rows]
+        fig = go.Figure(go.Scatter(x=shots, y=[r["accuracy"] for r in self.rows], mode="lines+markers",
+                                   name="accuracy"))  # fmt: skip
+        fig.add_hline(y=self.chance, line_dash="dash", annotation_text="chance")
+        fig.update_layout(title=f"{self.task} on {self.model} (n={self.n}, seed={self.seed})",
+                          xaxis_title="shots", yaxis_title="accuracy", yaxis_range=[0, 1.05])  # fmt: skip
+        return fig
+
+    def _repr_html_(self) -> str:
+        head = f"<b>{self.task}</b> on <code>{self.model}</code>, n={self.n}, chance={self.chance:.3f}"
+        return head + self.to_dataframe().to_html(index=False, float_format="%.3f")
+
+
+def evaluate(
+    model: Any,
+    task: str | Task,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    n: int = 100,
+    seed: int = 0,
+    *,
+    template: Template | None = None,
+    noise: float = 0.0,
+    permute: bool = False,
+    repeat: int = 1,
+    substitute: bool | Sequence[str] = False,
+    batch_size: int = 16,
+) -> Evaluation:
+    """Score ``n`` prompts of ``task`` for each number of ``shots``; prompts at ``k`` shots use seed ``seed + k``.
+
+    Raises:
+        TaskError: unknown task, shots above the pairs available, too few pairs after tokenization.
+        PromptTooLongError: a prompt longer than the model's context.
+    """
+    if isinstance(task, str):
+        task = get_task(task, model)
+    if substitute is not False:
+        task = SubstitutedTask(task) if substitute is True else SubstitutedTask(task, list(substitute))
+    if not shots:
+        raise TaskError("give at least one number of shots")
+    checked = check_task(model, task, template)
+    for k in shots:
+        checked.task.check_shots(k)
+    rows = []
+    for k in shots:
+        ps = build_prompts(model, checked, k, n, seed + k, noise=noise, permute=permute, repeat=repeat)
+        rows.append({"shots": k, "n": n, **score_prompts(model, ps, batch_size=batch_size).summary()})
+    settings = {"noise": noise, "permute": permute, "repeat": repeat, "substitute": bool(substitute)}
+    return Evaluation(
+        model_info(model).spec, checked.task.name, seed, n, 1.0 / len(checked.task.labels), tuple(rows),
+        checked.dropped_labels, checked.n_dropped_pairs, settings,
+    )  # fmt: skip
