@@ -57,10 +57,21 @@ def _analysis_report(name: str) -> Callable[[Path], Path]:
     return build
 
 
+def _fast_weights_report(out: Path) -> Path:
+    from icl_circuits.cli import main
+    from tests.test_analyses import load_fixture_like
+
+    _, model_dir = load_fixture_like(out / "model")
+    args = ["fast-weights", "--model", str(model_dir), "--task", "fixture-recorded0", "--shots", "3", "--n", "8"]
+    assert main([*args, "--heads", "1.0,1.1", "--no-predictions", "--out", str(out / "fw")]) == 0
+    return out / "fw" / "fast_weights.html"
+
+
 REPORTS: dict[str, tuple[Callable[[Path], Path], int, int]] = {
     # kind: (builder writing the report into a folder, min plotly figures, min circuitsvis canvases)
     "basic": (_basic_report, 1, 1),
-    "head_scan": (_head_scan_report, 7, 1),  # 6 metric heatmaps + the composition figure; one attention view
+    "head_scan": (_head_scan_report, 7, 1),
+    "fast_weights": (_fast_weights_report, 2, 0),  # 6 metric heatmaps + the composition figure; one attention view
     "analysis_order": (_analysis_report("order"), 2, 0),
     "analysis_shots_and_noise": (_analysis_report("shots-and-noise"), 3, 0),
     "analysis_unseen_task": (_analysis_report("unseen-task"), 2, 0),
