@@ -143,6 +143,26 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from icl_circuits.attribution import attribute, write_attribution
+    from icl_circuits.io import provenance
+    from icl_circuits.models import load_model
+    from icl_circuits.tasks import get_task
+
+    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    task = get_task(args.task, model)
+    att = attribute(model, task, n_shots=args.shots, n=args.n, method=args.method, corruption=args.corruption,
+                    direction=args.direction, seed=args.seed, positions=not args.no_positions,
+                    paths=not args.no_paths, function_vectors=args.function_vectors)  # fmt: skip
+    print(att.to_dataframe().head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(att.summary())
+    prov = provenance(model, args.seed, task=args.task, shots=args.shots, n=args.n, method=args.method,
+                      corruption=args.corruption, direction=args.direction)  # fmt: skip
+    json_path, html_path = write_attribution(att, model, args.out, prov)
+    print(f"wrote {json_path} and {html_path}")
+    return 0
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from icl_circuits.analyze import ANALYSES, run_from_args
 
@@ -195,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-predictions", action="store_true", help="skip the repetition/noise/order measurements")
     p.add_argument("--out", default="out/fast_weights", help="folder for fast_weights.json and fast_weights.html")
     p.set_defaults(handler=_cmd_fast_weights)
+    p = sub.add_parser("attribute", help="which heads, positions, paths and demos produce a few-shot prediction")
+    add_model_args(p)
+    p.add_argument("--task", required=True, help="task name (see `icl-circuits tasks`) or a task .json file")
+    p.add_argument("--shots", type=int, default=8, help="demos per prompt (default 8)")
+    p.add_argument("--n", type=int, default=32, help="clean/corrupted prompt pairs (default 32)")
+    p.add_argument("--method", default="all", choices=["patching", "atp", "atp*", "all"],
+                   help="exact activation patching, AtP, AtP* or all three with their correlations (default all)")
+    p.add_argument("--corruption", default="shuffled_labels",
+                   choices=["shuffled_labels", "other_task_labels", "filler"], help="how the demos are corrupted")
+    p.add_argument("--direction", default="denoising", choices=["denoising", "noising"],
+                   help="denoising: patch clean into corrupted (default); noising: corrupted into clean")
+    p.add_argument("--no-positions", action="store_true", help="skip residual-stream patching by layer x position")
+    p.add_argument("--no-paths", action="store_true", help="skip path patching into the top induction head")
+    p.add_argument("--function-vectors", action="store_true", help="also rank function-vector heads (Todd et al.)")
+    p.add_argument("--out", default="out/attribution", help="folder for attribution.json and attribution.html")
+    p.set_defaults(handler=_cmd_attribute)
     p = sub.add_parser("analyze", help="run one observation (shots-and-noise, order, ...) as JSON + an HTML report")
     p.add_argument("name", help="the analysis; `icl-circuits analyze list` lists them")
     add_model_args(p)

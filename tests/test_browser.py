@@ -67,11 +67,21 @@ def _fast_weights_report(out: Path) -> Path:
     return out / "fw" / "fast_weights.html"
 
 
+def _attribution_report(out: Path) -> Path:
+    from icl_circuits.cli import main
+
+    args = ["attribute", "--model", "fixture:induction-2l", "--task", "fixture-bound", "--shots", "4", "--n", "4"]
+    assert main([*args, "--function-vectors", "--out", str(out / "att")]) == 0
+    return out / "att" / "attribution.html"
+
+
 REPORTS: dict[str, tuple[Callable[[Path], Path], int, int]] = {
     # kind: (builder writing the report into a folder, min plotly figures, min circuitsvis canvases)
     "basic": (_basic_report, 1, 1),
     "head_scan": (_head_scan_report, 7, 1),
-    "fast_weights": (_fast_weights_report, 2, 0),  # 6 metric heatmaps + the composition figure; one attention view
+    "fast_weights": (_fast_weights_report, 2, 0),
+    # 3 method heatmaps, positions, 2 per-demo heatmaps, paths, function vectors; the top heads' attention view
+    "attribution": (_attribution_report, 8, 1),  # 6 metric heatmaps + the composition figure; one attention view
     "analysis_order": (_analysis_report("order"), 2, 0),
     "analysis_shots_and_noise": (_analysis_report("shots-and-noise"), 3, 0),
     "analysis_unseen_task": (_analysis_report("unseen-task"), 2, 0),
