@@ -109,7 +109,8 @@ class RecordVsCircuit(AnalysisMixin):
     def markdown(self) -> str:
         """The summary as a Markdown table (observation | headline measures), e.g. for a README."""
         lines = ["| observation | measured |", "| --- | --- |"]
-        lines += [f"| `{r['observation']}` | {r['measures'].replace('|', '/')} |" for r in self.rows()]
+        escaped = "\\|"  # a literal pipe inside a Markdown table cell
+        lines += [f"| `{r['observation']}` | {r['measures'].replace('|', escaped)} |" for r in self.rows()]
         return "\n".join(lines)
 
     def findings(self) -> dict[str, Any]:
