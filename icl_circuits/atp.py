@@ -148,6 +148,16 @@ class AtPResult:
         return PatchEffects(self.activation, self.direction, self.axis_names, self._base_ld + change,
                             self.clean_logit_diff, self.corrupted_logit_diff, method=kind)  # fmt: skip
 
+    def magnitude(self) -> PatchEffects:
+        """AtP* (unsigned) as :class:`PatchEffects`: patched LD = ``LD_base + sign(mean gap) |change|``, so its
+        :meth:`~PatchEffects.effect` is :meth:`normalised` ``("atp_star")``, ``mean |change| / |mean gap|``, with the
+        same bootstrap interval and plots as the signed estimators."""
+        if self.atp_star is None:
+            raise InputError("GradDrop was not computed; call attribution_patch(..., graddrop=True)")
+        sign = 1.0 if float((self.clean_logit_diff - self.corrupted_logit_diff).mean()) >= 0 else -1.0
+        return PatchEffects(self.activation, self.direction, self.axis_names, self._base_ld + sign * self.atp_star,
+                            self.clean_logit_diff, self.corrupted_logit_diff, method="atp*")  # fmt: skip
+
     def normalised(self, kind: str = "atp_qk") -> torch.Tensor:
         """``[*grid]``: batch-normalised estimated effect, ``mean_b change_b / mean_b (LD_clean - LD_corrupted)``;
         for ``atp_star`` the magnitude over ``|mean gap|``."""

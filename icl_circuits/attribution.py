@@ -41,22 +41,13 @@ METRIC = "logit difference (answer - contrast) at the answer position, normalise
 
 
 def _head_effects(method: str, exact: PatchEffects | None, atp: AtPResult | None) -> PatchEffects:
-    """The head-output effects of one method as :class:`PatchEffects` (same statistics for all).
-
-    ``atp*`` is an unsigned magnitude (GradDrop): its "patched LD" is ``LD_base + sign(mean gap) |change|``,
-    so its effect is ``mean |change| / |mean gap|`` (:meth:`AtPResult.normalised`), comparable with
-    ``|exact effect|``.
-    """
+    """The head-output effects of one method as :class:`PatchEffects` (same statistics for all); ``atp*`` is
+    the unsigned GradDrop magnitude (:meth:`AtPResult.magnitude`), comparable with ``|exact effect|``."""
     if method == "patching":
         assert exact is not None
         return exact
     assert atp is not None
-    if method == "atp":
-        return atp.estimate("atp")
-    assert atp.atp_star is not None
-    sign = 1.0 if float((atp.clean_logit_diff - atp.corrupted_logit_diff).mean()) >= 0 else -1.0
-    return PatchEffects(atp.activation, atp.direction, atp.axis_names, atp._base_ld + sign * atp.atp_star,
-                        atp.clean_logit_diff, atp.corrupted_logit_diff, method="atp*")  # fmt: skip
+    return atp.estimate("atp") if method == "atp" else atp.magnitude()
 
 
 @dataclass(frozen=True)
@@ -94,10 +85,15 @@ class Attribution:
         n_heads = eff.shape[1]
         return [(int(i) // n_heads, int(i) % n_heads) for i in idx]
 
+    @property
+    def overlap_k(self) -> int:
+        """How many top heads the overlaps compare: the number of induction heads, at least 3."""
+        return max(3, len(self.induction_heads))
+
     def induction_overlap(self, k: int | None = None) -> dict[str, Any]:
-        """Which head-scan induction heads are among the top ``k`` heads (default ``k`` = number of
-        induction heads, at least 3) by the primary method."""
-        k = k or max(3, len(self.induction_heads))
+        """Which head-scan induction heads are among the top ``k`` heads (default :attr:`overlap_k`) by the
+        primary method."""
+        k = k or self.overlap_k
         top = self.top_heads(k)
         found = [h for h in self.induction_heads if h in top]
         return {"k": k, "top_heads": [list(h) for h in top], "induction_heads": [list(h) for h in self.induction_heads],
@@ -187,9 +183,8 @@ class Attribution:
         if self.function_vectors is not None:
             doc["function_vectors"] = self.function_vectors.to_dict()
             if self.induction_scores is not None:
-                k = max(3, len(self.induction_heads))
                 doc["function_vectors"]["overlap_with_induction"] = self.function_vectors.overlap_with(
-                    self.induction_scores, k)  # fmt: skip
+                    self.induction_scores, self.overlap_k)  # fmt: skip
         return doc
 
 
@@ -225,7 +220,7 @@ def attribute(
     Raises:
         InputError: unknown method; TaskError / TokenizationError from the pairs.
     """
-    from icl_circuits.head_scan import scan_heads
+    from icl_circuits.head_scan import scan_heads, token_labels
     from icl_circuits.models import model_info
 
     if method not in METHOD_CHOICES:
@@ -254,7 +249,7 @@ def attribute(
     scan = scan_heads(model, ablation=False, progress=False, seed=seed)
     att = Attribution(
         model=model_info(model).spec, task=batch.task, n_shots=n_shots, corruption=corruption, direction=direction,
-        seed=seed, batch=batch, roles=roles, token_strs=tuple(_token_strs(model, batch.clean_tokens[0])),
+        seed=seed, batch=batch, roles=roles, token_strs=tuple(token_labels(model, batch.clean_tokens[0])),
         heads=heads, correlations=correlations, positions=pos, demos=None,
         induction_scores=scan.scores["induction"], induction_heads=tuple(scan.induction_heads),
     )  # fmt: skip
@@ -299,12 +294,6 @@ def _roles(model: Any, batch: PatchingBatch, template: Any) -> PromptRoles | Non
                                  last_positions=batch.last_positions, prefix_len=prefix_len)  # fmt: skip
     except TokenizationError:
         return None
-
-
-def _token_strs(model: Any, ids: torch.Tensor) -> list[str]:
-    from icl_circuits.head_scan import token_labels
-
-    return token_labels(model, ids)
 
 
 # ---------------------------------------------------------------------------- report
@@ -361,12 +350,12 @@ def attribution_sections(att: Attribution, model: Any) -> list[Any]:
         fv = att.function_vectors
         reading = fv.summary()
         if att.induction_scores is not None:
-            ov = fv.overlap_with(att.induction_scores, max(3, len(att.induction_heads)))
+            ov = fv.overlap_with(att.induction_scores, att.overlap_k)
             reading += (f" Top {ov['k']} function-vector heads vs top {ov['k']} induction-score heads: overlap "
                         f"{ov['fraction']:.2f}, Spearman over all heads {ov['spearman']:.2f} (Yin & Steinhardt 2025 "
                         "found FV heads, more than induction heads, carry few-shot ICL in LMs).")  # fmt: skip
         sections.append(Section("Function-vector heads (Todd et al. 2024)", figure_html(fv.plot()), reading))
-    top = att.top_heads(min(6, len(att.to_dataframe())))
+    top = att.top_heads(6)  # top_heads caps k at the number of heads
     _, cache = model.run_with_cache(att.batch.clean_tokens[:1],
                                     names_filter=lambda n: n.endswith("attn.hook_pattern"))  # fmt: skip
     last = int(att.batch.last_positions[0]) + 1
