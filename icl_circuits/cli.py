@@ -134,7 +134,9 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
         t = run.transplant
         print(f"transplant ({t.n_test} held-out zero-shot queries, layers {list(t.layers)}): zero-shot "
               f"{t.zero_shot_acc:.3f}, with vector {t.with_vector_acc:.3f}, random {t.random_control_acc:.3f}, "
-              f"shuffled {t.shuffled_control_acc:.3f}")  # fmt: skip
+              f"shuffled {t.shuffled_control_acc:.3f}; with the fast weight {t.fast_weight_acc:.3f}, random "
+              f"{t.fast_weight_random_acc:.3f}, shuffled {t.fast_weight_shuffled_acc:.3f}, softmax memory "
+              f"{t.memory_acc:.3f}")  # fmt: skip
     elif run.transplant_skipped:
         print(f"transplant skipped: {run.transplant_skipped}")
     prov = provenance(model, args.seed, task=args.task, shots=args.shots, heads=args.heads, n=args.n, top=args.top)

@@ -9,7 +9,9 @@ the predictions (:mod:`icl_circuits.fast_weight_predictions`) on those heads.
 
 JSON: ``{"model", "task", "shots", "heads": [{"layer", "head", "effective_rank", "singular_values",
 "reconstruction_cosine", "demo_share", ...}], "transplant": {"zero_shot_acc", "with_vector_acc",
-"random_control_acc", "shuffled_control_acc", ...} | null, "transplant_skipped": reason | null,
+"random_control_acc", "shuffled_control_acc", ..., "fast_weight": {"with_fast_weight_acc",
+"random_control_acc", "shuffled_control_acc", "softmax_memory_acc", "acc_by_rank", "acc_by_layer"}} | null,
+"transplant_skipped": reason | null,
 "top_heads", "predictions", "sum_check_max_abs_error", "provenance"}``.
 
 Cost: one forward for the decomposition, the transplant test's and the predictions' forwards
@@ -96,13 +98,23 @@ class FastWeightsRun:
         ]  # fmt: skip
         if self.transplant is not None:
             t = self.transplant
-            bars, sweep = t.plot()
+            bars, sweep, fw_bars, curve = t.plot()
             out.append(Section(
                 "Transplant: the task vector on held-out zero-shot queries", figure_html(bars) + figure_html(sweep),
                 f"Task vector = sum of the mean demo parts of heads {[list(h) for h in t.heads]} (per fold). "
                 f"On {t.n_test} held-out zero-shot queries: zero-shot {t.zero_shot_acc:.2f}, with the vector "
                 f"{t.with_vector_acc:.2f}, random vector of equal norm {t.random_control_acc:.2f}, vector from "
                 f"shuffled-label demos {t.shuffled_control_acc:.2f}; layer chosen on validation: {list(t.layers)}.",
+            ))
+            ranks = ", ".join(f"rank {r}: {a:.2f}" for r, a in t.by_rank)
+            out.append(Section(
+                "Transplant: the demos' linear fast weight (b + W q~ in every head)",
+                figure_html(fw_bars) + figure_html(curve),
+                f"The same held-out queries, with each head's task-level linear fast weight (mean over the extraction "
+                f"prompts of a_p dW_p, the first-order dual form of softmax attention) applied to its own query: "
+                f"{t.fast_weight_acc:.2f}; same singular values on random directions {t.fast_weight_random_acc:.2f}; "
+                f"from shuffled-label demos {t.fast_weight_shuffled_acc:.2f}; exact softmax memory {t.memory_acc:.2f}. "
+                f"By rank ({ranks}): rank 0 is the bias alone, a query-independent vector.",
             ))  # fmt: skip
         else:
             out.append(Section("Transplant", "<p>Not run.</p>", self.transplant_skipped or ""))

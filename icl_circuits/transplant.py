@@ -16,15 +16,34 @@ Function vectors (Todd et al. 2024), here built from the exact demo part of :mod
    the vector extracted in the same way from the same prompts with the demo labels permuted among the
    demos (a derangement: every demo's label is another demo's).
 
+5. **Fast-weight transplant.** The same demos' keys and values, per head (:class:`DemoMemory`), as a
+   task-level *linear fast weight* (the first-order dual form of softmax attention; Schlag et al. 2021,
+   Dai et al. 2023). For extraction prompt ``p`` with demo positions ``D_p`` (``n_p`` of them), keys
+   ``k~_s`` and values ``v_s`` (``[d_head]``, keys after rotary where the model has it), and the demo
+   attention mass at its query ``a_p = sum_{s in D_p} A[q, s]``, linearising ``softmax_s(q~.k~_s / sqrt(d))``
+   around the mean key gives the head's demo part ``~ a_p (v_bar_p + dW_p q~)`` with::
+
+       dW_p = 1 / (n_p sqrt(d)) sum_{s in D_p} v_s (k~_s - k_bar_p)^T          [d_head, d_head]
+       W = mean_p a_p dW_p,   b = mean_p a_p v_bar_p                            (one per head)
+
+   The transplant adds ``b + W_r q~`` to each head's ``hook_z`` at the last position of the zero-shot
+   prompts, every head at once, each with its own ``q~`` from the same forward (so later layers see the
+   earlier additions); ``W_r`` is the rank-``r`` truncation (SVD), ``r = 0`` leaves only the bias ``b``.
+   The extraction demos are drawn from the extraction fold only, so no test pair is ever shown.
+   Controls: ``(W, b)`` from the shuffled-label prompts, and ``n_random`` draws with ``W``'s singular
+   values on random singular vectors and a random ``b`` of ``|b|``. Reference: the exact softmax
+   memory, ``mean_p a_p sum_{s in D_p} softmax_s(q~.k~_s / sqrt(d)) v_s`` (no linearisation).
+
 Accuracy is argmax accuracy of the answer's first token at the last position.
 
 Cost per fold: one decomposition forward of the extraction prompts (twice: clean and shuffled), then
-``(n_layers + 1) * (2 + n_random)`` forwards of the zero-shot prompts for the sweep.
+``(n_layers + 1) * (2 + n_random)`` forwards of the zero-shot prompts for the sweep, and
+``n_ranks + n_layers + 3 + n_random`` for the fast-weight transplant.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,11 +87,151 @@ def logits_with_vector(
 
 
 @dataclass(frozen=True)
+class DemoMemory:
+    """The demos' keys and values per layer and head, read from extraction prompts (step 5 of the module doc).
+
+    ``keys[l]``, ``values[l] [prompt, pos, head, d_head]`` (keys as they enter the scores: after rotary),
+    ``demo [prompt, pos]`` (1.0 on demo positions), ``demo_attention[l] [prompt, head]`` (``a_p``, the
+    attention mass the query puts on the demos), ``scale`` (the score divisor, ``sqrt(d_head)``).
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    demo: torch.Tensor
+    demo_attention: tuple[torch.Tensor, ...]
+    scale: float
+
+
+def _qk_names(model: Any) -> tuple[str, str]:
+    rotary = model.cfg.positional_embedding_type == "rotary"
+    return ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+
+
+@torch.no_grad()
+def demo_memory(model: Any, tokens: torch.Tensor, roles: Any) -> DemoMemory:
+    """Read every layer's demo keys, values and demo attention mass from ``tokens [prompt, pos]``."""
+    qn, kn = _qk_names(model)
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    names = {f"blocks.{l}.attn.{x}" for l in range(n_layers) for x in (kn, "hook_v", "hook_pattern")}
+    device = getattr(model.cfg, "device", None) or "cpu"
+    _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n in names)
+    demo = (roles.demo_index >= 0).float().cpu()
+    rows, last = torch.arange(tokens.shape[0]), roles.last_positions.cpu()
+    keys, values, mass = [], [], []
+    for l in range(n_layers):
+        keys.append(fw._per_head_act(cache[f"blocks.{l}.attn.{kn}"], n_heads).float().cpu())
+        values.append(fw._per_head_act(cache[f"blocks.{l}.attn.hook_v"], n_heads).float().cpu())
+        A = cache[f"blocks.{l}.attn.hook_pattern"][rows, :, last].float().cpu()  # [prompt, head, pos]
+        mass.append((A * demo[:, None]).sum(-1))
+    return DemoMemory(tuple(keys), tuple(values), demo, tuple(mass), fw._score_scale(model))
+
+
+def linear_fast_weight(mem: DemoMemory) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task-level linear fast weight ``W [layer, head, d_head, d_head]`` and bias ``b [layer, head,
+    d_head]``: ``W = mean_p a_p dW_p``, ``b = mean_p a_p v_bar_p`` (module doc, step 5)."""
+    d = mem.demo[:, :, None, None]  # [prompt, pos, 1, 1]
+    n = mem.demo.sum(1).clamp_min(1.0)[:, None, None]  # [prompt, 1, 1]
+    Ws, bs = [], []
+    for K, V, a in zip(mem.keys, mem.values, mem.demo_attention):
+        k_bar, v_bar = (K * d).sum(1) / n, (V * d).sum(1) / n  # [prompt, head, d_head]
+        dW = torch.einsum("pshe,pshf->phef", V * d, (K - k_bar[:, None]) * d) / (n[..., None] * mem.scale)
+        Ws.append((a[..., None, None] * dW).mean(0))
+        bs.append((a[..., None] * v_bar).mean(0))
+    return torch.stack(Ws), torch.stack(bs)
+
+
+def low_rank(W: torch.Tensor, rank: int) -> torch.Tensor:
+    """``W [..., d, d]`` truncated to its top ``rank`` singular directions (``rank = 0``: zeros)."""
+    if rank < 0:
+        raise InputError(f"rank must be >= 0, got {rank}")
+    U, S, Vh = torch.linalg.svd(W)
+    r = min(rank, S.shape[-1])
+    return (U[..., :r] * S[..., None, :r]) @ Vh[..., :r, :]
+
+
+def random_fast_weight(W: torch.Tensor, b: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The control: ``W``'s singular values on random orthonormal singular vectors, and ``b``'s norms in
+    random directions."""
+    S = torch.linalg.svdvals(W)
+    U = torch.linalg.qr(torch.randn(W.shape, generator=gen)).Q
+    V = torch.linalg.qr(torch.randn(W.shape, generator=gen)).Q
+    r = torch.randn(b.shape, generator=gen)
+    return (U * S[..., None, :]) @ V.mT, r / r.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def _logits_adding_to_z(
+    model: Any, tokens: torch.Tensor, last_positions: torch.Tensor,
+    add: Callable[[int, torch.Tensor], torch.Tensor | None],
+) -> torch.Tensor:  # fmt: skip
+    """``[batch, d_vocab]`` logits at ``last_positions`` with ``add(layer, q~ [batch, head, d_head])``
+    (``[batch, head, d_head]`` or ``None``) added to ``hook_z`` there, layer by layer in one forward."""
+    device = getattr(model.cfg, "device", None) or "cpu"
+    rows, last = torch.arange(tokens.shape[0]), last_positions.cpu()
+    qn, _ = _qk_names(model)
+    seen: dict[int, torch.Tensor] = {}
+    hooks: list[tuple[str, Any]] = []
+    for l in range(int(model.cfg.n_layers)):
+
+        def read_q(q: torch.Tensor, hook: Any, l: int = l) -> None:
+            seen[l] = q[rows, last].float().cpu()
+
+        def write_z(z: torch.Tensor, hook: Any, l: int = l) -> torch.Tensor:
+            extra = add(l, seen.pop(l))
+            if extra is None:
+                return z
+            out = z.clone()
+            out[rows, last] += extra.to(out.device, out.dtype)
+            return out
+
+        hooks += [(f"blocks.{l}.attn.{qn}", read_q), (f"blocks.{l}.attn.hook_z", write_z)]
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(tokens.to(device))
+    return logits[rows, last].float().cpu()
+
+
+def logits_with_fast_weight(
+    model: Any, tokens: torch.Tensor, last_positions: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+    layers: Sequence[int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``[batch, d_vocab]`` logits with ``b + W q~`` added to every head's ``hook_z`` at ``last_positions``
+    (``W [layer, head, d_head, d_head]``, ``b [layer, head, d_head]``; ``layers``: only these, default all)."""
+    shape = (int(model.cfg.n_layers), int(model.cfg.n_heads), int(model.cfg.d_head))
+    if tuple(b.shape) != shape or tuple(W.shape) != (*shape, shape[-1]):
+        raise InputError(f"W must be {[*shape, shape[-1]]} and b {list(shape)}, got {list(W.shape)}, {list(b.shape)}")
+    keep = set(range(shape[0]) if layers is None else layers)
+    return _logits_adding_to_z(
+        model, tokens, last_positions,
+        lambda l, q: b[l] + torch.einsum("hef,bhf->bhe", W[l], q) if l in keep else None,
+    )  # fmt: skip
+
+
+def memory_read(mem: DemoMemory, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """The exact softmax memory read by queries ``q [batch, head, d_head]`` at ``layer``:
+    ``mean_p a_p sum_{s in D_p} softmax_{s in D_p}(q~.k~_s / scale) v_s`` -> ``[batch, head, d_head]``.
+
+    For one prompt read with its own query this is exactly the head's demo part before ``W_O``
+    (``A[q, s] = a_p softmax_{s in D_p}(...)`` on demo positions)."""
+    scores = torch.einsum("bhe,pshe->bphs", q.float(), mem.keys[layer]) / mem.scale
+    w = scores.masked_fill(mem.demo[None, :, None, :] == 0, torch.finfo(torch.float32).min).softmax(-1)
+    read = torch.einsum("bphs,pshe->bphe", w, mem.values[layer])
+    return (read * mem.demo_attention[layer][None, ..., None]).mean(1)
+
+
+def logits_with_memory(model: Any, tokens: torch.Tensor, last_positions: torch.Tensor, mem: DemoMemory) -> torch.Tensor:
+    """``[batch, d_vocab]`` logits with :func:`memory_read` added to every head's ``hook_z`` at ``last_positions``."""
+    return _logits_adding_to_z(model, tokens, last_positions, lambda l, q: memory_read(mem, l, q))
+
+
+@dataclass(frozen=True)
 class TransplantResult:
     """Zero-shot accuracy on held-out queries with the task vector and its controls.
 
     ``sweep``: one row per fold and layer with validation and test accuracies (vector, random,
-    shuffled); the headline numbers use each fold's layer chosen on validation.
+    shuffled); the headline numbers use each fold's layer chosen on validation. ``fast_weight_*``: the
+    fast-weight transplant (module doc, step 5) at full rank and its controls; ``memory_acc``: the exact
+    softmax memory; ``by_rank`` / ``by_layer``: ``(rank or layer, accuracy)`` with the fast weight
+    truncated to that rank / of that layer's heads only. All on the same held-out queries.
     """
 
     model: str
@@ -89,6 +248,12 @@ class TransplantResult:
     sweep: tuple[dict[str, Any], ...]
     n_random: int
     seed: int
+    fast_weight_acc: float
+    fast_weight_random_acc: float
+    fast_weight_shuffled_acc: float
+    memory_acc: float
+    by_rank: tuple[tuple[int, float], ...]
+    by_layer: tuple[tuple[int, float], ...]
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON ``transplant`` block."""
@@ -99,6 +264,12 @@ class TransplantResult:
             "heads_per_fold": [[list(h) for h in hs] for hs in self.heads],
             "vector_norm_per_fold": list(self.vector_norm), "n_random": self.n_random, "seed": self.seed,
             "sweep": [dict(r) for r in self.sweep],
+            "fast_weight": {
+                "with_fast_weight_acc": self.fast_weight_acc, "random_control_acc": self.fast_weight_random_acc,
+                "shuffled_control_acc": self.fast_weight_shuffled_acc, "softmax_memory_acc": self.memory_acc,
+                "acc_by_rank": {str(r): a for r, a in self.by_rank},
+                "acc_by_layer": {str(l): a for l, a in self.by_layer},
+            },
         }  # fmt: skip
 
     def to_dataframe(self) -> Any:  # pandas.DataFrame
@@ -107,7 +278,8 @@ class TransplantResult:
         return pd.DataFrame(list(self.sweep))
 
     def plot(self) -> list[Any]:  # list[plotly Figure]
-        """[headline accuracies, test accuracy by layer]. Pure: returns the figures."""
+        """[vector accuracies, test accuracy by layer, fast-weight accuracies, fast weight by rank and layer].
+        Pure: returns the figures."""
         import plotly.graph_objects as go
 
         names = ["zero-shot", "with task vector", "random vector", "shuffled-label vector"]
@@ -124,12 +296,27 @@ class TransplantResult:
         sweep.update_layout(title="Test accuracy by layer of insertion (mean over folds; for reading only: "
                                   "the headline layer is chosen on validation)", xaxis_title="layer (resid_pre)",
                             yaxis_title="accuracy", yaxis_range=[0, 1.05])  # fmt: skip
-        return [bars, sweep]
+        names = ["zero-shot", "with fast weight", "random (same spectrum)", "shuffled-label", "softmax memory"]
+        vals = [self.zero_shot_acc, self.fast_weight_acc, self.fast_weight_random_acc, self.fast_weight_shuffled_acc,
+                self.memory_acc]  # fmt: skip
+        fw_bars = go.Figure(go.Bar(x=names, y=vals, text=[f"{v:.2f}" for v in vals], textposition="outside"))
+        fw_bars.update_layout(title=f"Fast-weight transplant (b + W q~ in every head) on the same {self.n_test} "
+                                    "held-out queries", yaxis_title="accuracy", yaxis_range=[0, 1.1])  # fmt: skip
+        curve = go.Figure(go.Scatter(x=[str(r) for r, _ in self.by_rank], y=[a for _, a in self.by_rank],
+                                     mode="lines+markers", name="all heads, rank r"))  # fmt: skip
+        curve.add_trace(go.Bar(x=[f"layer {l}" for l, _ in self.by_layer], y=[a for _, a in self.by_layer],
+                               name="full rank, one layer's heads"))  # fmt: skip
+        curve.add_hline(y=self.zero_shot_acc, line_dash="dash", annotation_text="zero-shot")
+        curve.update_layout(title="Fast weight truncated to rank r (0: bias only), and one layer at a time",
+                            yaxis_title="accuracy", yaxis_range=[0, 1.05])  # fmt: skip
+        return [bars, sweep, fw_bars, curve]
 
     def _repr_html_(self) -> str:
         head = (f"<b>Transplant</b> {self.task}: zero-shot {self.zero_shot_acc:.3f}, with vector "
                 f"{self.with_vector_acc:.3f}, random {self.random_control_acc:.3f}, shuffled "
-                f"{self.shuffled_control_acc:.3f} (n={self.n_test}, layers {list(self.layers)})")  # fmt: skip
+                f"{self.shuffled_control_acc:.3f} (n={self.n_test}, layers {list(self.layers)}); fast weight "
+                f"{self.fast_weight_acc:.3f}, random {self.fast_weight_random_acc:.3f}, shuffled "
+                f"{self.fast_weight_shuffled_acc:.3f}, softmax memory {self.memory_acc:.3f}")  # fmt: skip
         return head + self.to_dataframe().to_html(index=False, float_format="%.3f")
 
 
@@ -162,15 +349,19 @@ def derange_labels(example: Any, rng: np.random.Generator) -> Any:
     return FewShot(demos, example.query, example.flipped)
 
 
-def _extraction_examples(task: Any, shots: int, queries: set[str], n: int, rng: np.random.Generator) -> list[Any]:
-    out: list[Any] = []
-    for _ in range(200 * n):
-        ex = task.draw(rng, shots)
-        if ex.query.input in queries:
-            out.append(ex)
-            if len(out) == n:
-                return out
-    raise TaskError(f"task {task.name!r}: could not draw {n} {shots}-shot prompts with queries in the fold")
+def _extraction_examples(task: Any, shots: int, fold: Sequence[str], n: int, rng: np.random.Generator) -> list[Any]:
+    """``n`` clean ``shots``-shot examples whose demos and query are distinct inputs of ``fold``."""
+    from icl_circuits.tasks import FewShot, Pair
+
+    if len(fold) < shots + 1:
+        raise TaskError(f"task {task.name!r}: a fold has {len(fold)} inputs with a fixed answer, {shots}-shot "
+                        f"extraction prompts need {shots + 1} (use fewer shots)")  # fmt: skip
+    out = []
+    for _ in range(n):
+        xs = [fold[int(i)] for i in rng.permutation(len(fold))[: shots + 1]]
+        pairs = [Pair(x, str(task.lookup(x))) for x in xs]
+        out.append(FewShot(tuple(pairs[:-1]), pairs[-1]))
+    return out
 
 
 def transplant_test(
@@ -184,11 +375,12 @@ def transplant_test(
     n_random: int = 5,
     seed: int = 0,
     layers: Sequence[int] | None = None,
+    ranks: Sequence[int] = (0, 1, 2, 4),
 ) -> TransplantResult:
     """Run the transplant test (module doc) for ``task`` (a name or a Task) with ``shots``-shot extraction.
 
     Raises:
-        TaskError: a task without a fixed input -> output map, or ``shots < 2``.
+        TaskError: a task without a fixed input -> output map, ``shots < 2``, or folds smaller than ``shots + 1``.
         InputError: bad heads or layers.
     """
     from icl_circuits.models import model_info
@@ -211,10 +403,13 @@ def transplant_test(
     gen = torch.Generator().manual_seed(seed)
     zero = {x: FewShot((), Pair(x, str(task.lookup(x)))) for x in inputs}
     rows: list[dict[str, Any]] = []
-    totals = {"zero": 0.0, "vector": 0.0, "random": 0.0, "shuffled": 0.0}
+    n_layers, full = int(model.cfg.n_layers), int(model.cfg.d_head)
+    rank_list = sorted({min(int(r), full) for r in ranks} | {full})
+    totals = {k: 0.0 for k in ("zero", "vector", "random", "shuffled", "fw", "fw_random", "fw_shuffled", "memory")}
+    totals |= {f"rank{r}": 0.0 for r in rank_list} | {f"layer{l}": 0.0 for l in range(n_layers)}
     chosen_layers, chosen_heads, norms = [], [], []
     for f, (train_keys, test_keys) in enumerate(((folds[0], folds[1]), (folds[1], folds[0]))):
-        examples = _extraction_examples(task, shots, set(train_keys), n_prompts, rng)
+        examples = _extraction_examples(task, shots, train_keys, n_prompts, rng)
         shuffled = [derange_labels(ex, rng) for ex in examples]
         tok, roles, ans, _ = render_examples(model, checked, examples)
         tok_s, roles_s, _, _ = render_examples(model, checked, shuffled)
@@ -247,6 +442,19 @@ def transplant_test(
         totals["vector"] += best["test_vector"] * n_test
         totals["random"] += best["test_random"] * n_test
         totals["shuffled"] += best["test_shuffled"] * n_test
+        t, lp, a = sets["test"]
+        mem = demo_memory(model, tok, roles)
+        W, b = linear_fast_weight(mem)
+        W_s, b_s = linear_fast_weight(demo_memory(model, tok_s, roles_s))
+        controls = [random_fast_weight(W, b, gen) for _ in range(n_random)]
+        acc = {"fw": _acc(logits_with_fast_weight(model, t, lp, W, b), a),
+               "fw_shuffled": _acc(logits_with_fast_weight(model, t, lp, W_s, b_s), a),
+               "fw_random": float(np.mean([_acc(logits_with_fast_weight(model, t, lp, *c), a) for c in controls])),
+               "memory": _acc(logits_with_memory(model, t, lp, mem), a)}  # fmt: skip
+        acc |= {f"rank{r}": _acc(logits_with_fast_weight(model, t, lp, low_rank(W, r), b), a) for r in rank_list}
+        acc |= {f"layer{l}": _acc(logits_with_fast_weight(model, t, lp, W, b, [l]), a) for l in range(n_layers)}
+        for k, v in acc.items():
+            totals[k] += v * n_test
         rows += per_layer
         chosen_layers.append(int(best["layer"]))
         chosen_heads.append(tuple(hs))
@@ -255,6 +463,9 @@ def transplant_test(
     return TransplantResult(
         model_info(model).spec, task.name, shots, totals["zero"] / n, totals["vector"] / n, totals["random"] / n,
         totals["shuffled"] / n, n, tuple(chosen_layers), tuple(chosen_heads), tuple(norms), tuple(rows), n_random, seed,
+        totals["fw"] / n, totals["fw_random"] / n, totals["fw_shuffled"] / n, totals["memory"] / n,
+        tuple((r, totals[f"rank{r}"] / n) for r in rank_list),
+        tuple((l, totals[f"layer{l}"] / n) for l in range(n_layers)),
     )  # fmt: skip
 
 

@@ -272,6 +272,89 @@ def test_derange_labels():
         derange_labels(FewShot((Pair("a", "b"),), Pair("c", "d")), np.random.default_rng(0))
 
 
+def test_linear_fast_weight_is_the_first_order_softmax():
+    """``b + W q`` equals the mean over prompts of ``a_p sum_s (1 + (q.k_s - q.k_bar) / scale) / n_p v_s``,
+    and the exact softmax memory approaches it as ``|q| -> 0`` (error O(|q|^2))."""
+    from icl_circuits.transplant import DemoMemory, linear_fast_weight, memory_read
+
+    g = torch.Generator().manual_seed(0)
+    P, S, H, e, L = 3, 7, 2, 4, 2
+    demo = torch.zeros(P, S)
+    demo[0, 1:5], demo[1, 1:7], demo[2, 2:4] = 1, 1, 1  # different demo counts per prompt
+    keys = tuple(torch.randn(P, S, H, e, generator=g) for _ in range(L))
+    values = tuple(torch.randn(P, S, H, e, generator=g) for _ in range(L))
+    mass = tuple(torch.rand(P, H, generator=g) for _ in range(L))
+    mem = DemoMemory(keys, values, demo, mass, 2.0)
+    W, b = linear_fast_weight(mem)
+    q = torch.randn(5, H, e, generator=g)
+    for l in range(L):
+        ref = torch.zeros(5, H, e)
+        for p in range(P):
+            idx = demo[p].nonzero()[:, 0]
+            x = torch.einsum("bhe,she->bhs", q, keys[l][p, idx]) / 2.0
+            w = (1 + x - x.mean(-1, keepdim=True)) / len(idx)
+            ref += mass[l][p][None, :, None] * torch.einsum("bhs,she->bhe", w, values[l][p, idx]) / P
+        assert torch.allclose(b[l] + torch.einsum("hef,bhf->bhe", W[l], q), ref, atol=1e-5)
+        errs = [float((memory_read(mem, l, eps * q) - (b[l] + eps * torch.einsum("hef,bhf->bhe", W[l], q))).abs().max())
+                for eps in (1e-1, 1e-2)]  # fmt: skip
+        assert errs[1] < errs[0] / 30  # quadratic: 100x in theory
+
+
+@pytest.mark.parametrize("which", ["fixture_shaped", "gqa_llama"])
+def test_memory_read_of_its_own_prompt_is_the_demo_part(which, request):
+    """Read by the prompt's own query, one prompt's softmax memory is exactly each head's demo part
+    (``@ W_O``, as :func:`icl_circuits.fast_weights.decompose` splits it), rotary and grouped-query included."""
+    from icl_circuits.transplant import _qk_names, demo_memory, memory_read
+
+    model = request.getfixturevalue(which)
+    tokens = fixture_tokens(3, 3, seed=11)
+    roles = fw.roles_from_tokens(tokens, arrow_id=ARROW, sep_id=SEP)
+    dec = fw.decompose(model, tokens, roles)
+    qn, _ = _qk_names(model)
+    _, cache = model.run_with_cache(tokens)
+    n_heads = int(model.cfg.n_heads)
+    for p in range(tokens.shape[0]):
+        mem = demo_memory(model, tokens[p : p + 1], fw.roles_from_tokens(tokens[p : p + 1], arrow_id=ARROW, sep_id=SEP))
+        for l in range(int(model.cfg.n_layers)):
+            q = fw._per_head_act(cache[f"blocks.{l}.attn.{qn}"], n_heads)[p : p + 1, -1]  # [1, head, d_head]
+            read = torch.einsum("bhe,hed->bhd", memory_read(mem, l, q), model.W_O[l].detach())
+            idx = [dec.index((l, h)) for h in range(n_heads)]
+            assert torch.allclose(read[0], dec.demo_part[p, idx], atol=1e-5)
+
+
+def test_low_rank_and_random_fast_weight():
+    from icl_circuits.transplant import low_rank, random_fast_weight
+
+    g = torch.Generator().manual_seed(1)
+    W, b = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    assert torch.allclose(low_rank(W, 5), W, atol=1e-5) and float(low_rank(W, 0).abs().max()) == 0.0
+    assert int(torch.linalg.matrix_rank(low_rank(W, 2)).max()) == 2
+    with pytest.raises(InputError):
+        low_rank(W, -1)
+    Wr, br = random_fast_weight(W, b, g)
+    assert torch.allclose(torch.linalg.svdvals(Wr), torch.linalg.svdvals(W), atol=1e-4)
+    assert torch.allclose(br.norm(dim=-1), b.norm(dim=-1), atol=1e-5) and not torch.allclose(Wr, W, atol=1e-2)
+
+
+def test_logits_with_fast_weight_cleans_up(fixture_shaped):
+    from icl_circuits.transplant import logits_with_fast_weight
+
+    m = fixture_shaped
+    tokens = fixture_tokens(3, 2, seed=6)
+    last = torch.full((3,), tokens.shape[1] - 1)
+    plain = m(tokens)[:, -1]
+    shape = (int(m.cfg.n_layers), int(m.cfg.n_heads), int(m.cfg.d_head))
+    W, b = torch.zeros(*shape, shape[-1]), torch.zeros(shape)
+    assert torch.allclose(logits_with_fast_weight(m, tokens, last, W, b), plain, atol=1e-5)
+    b = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 5
+    assert (logits_with_fast_weight(m, tokens, last, W, b) - plain).abs().max() > 1e-3
+    only1 = logits_with_fast_weight(m, tokens, last, W, b, layers=[1])
+    assert (only1 - logits_with_fast_weight(m, tokens, last, W, b)).abs().max() > 1e-3
+    assert torch.allclose(m(tokens)[:, -1], plain)  # no hook left behind
+    with pytest.raises(InputError):
+        logits_with_fast_weight(m, tokens, last, W[:, :, :2], b)
+
+
 def test_transplant_runs_with_controls(fixture_shaped):
     from icl_circuits.transplant import transplant_test
 
@@ -279,7 +362,12 @@ def test_transplant_runs_with_controls(fixture_shaped):
     assert res.n_test == 26 and len(res.layers) == 2 and all(x in (0, 2) for x in res.layers)
     d = res.to_dict()
     assert {"zero_shot_acc", "with_vector_acc", "random_control_acc", "shuffled_control_acc"} <= set(d)
-    assert len(res.sweep) == 4 and len(res.plot()) == 2
+    assert {"with_fast_weight_acc", "random_control_acc", "shuffled_control_acc", "softmax_memory_acc",
+            "acc_by_rank", "acc_by_layer"} <= set(d["fast_weight"])  # fmt: skip
+    assert [r for r, _ in res.by_rank] == [0, 1, 2, 4, 8] and [l for l, _ in res.by_layer] == [0, 1]
+    assert len(res.sweep) == 4 and len(res.plot()) == 4
+    with pytest.raises(TaskError, match="need 14"):
+        transplant_test(fixture_shaped, "fixture-recorded0", 13, n_prompts=4)
     with pytest.raises(TaskError, match="fixed input"):
         transplant_test(fixture_shaped, "fixture-bound", 3, n_prompts=4)
     with pytest.raises(TaskError, match="shots >= 2"):
@@ -319,19 +407,24 @@ def test_cli_writes_json_and_offline_html(fixture_shaped, tmp_path):
 # ---------------------------------------------------------------- the trained fixtures
 
 
-def test_icl_tiny_transplant_beats_both_controls():
-    """The shift-by-4 rule from 8 demos, as one vector of 16 heads' demo parts, works on held-out zero-shot
-    queries (measured at commit: 0.31 against 0.10 random and 0.04 shuffled-label controls, zero-shot 0.12).
-    A weak effect, and absent for other tasks: see the closing note of the fast-weights issue."""
+def test_icl_tiny_fast_weight_transplant_does_the_rule_family():
+    """The demos' linear fast weight (every head, 8 demos from the other fold) does each trained shift on held-out
+    zero-shot queries; its bias alone (rank 0, a query-independent vector) does not. Measured at commit, mean over
+    shifts 1..5 (the CLI's settings): fast weight 0.67, random 0.10, shuffled 0.12, zero-shot 0.09; rank 0 0.16,
+    rank 1 0.65 (the mean demo-part task vector: 0.14).
+    Stated bounds: every shift >= 0.3 above each control; rank 1 >= rank 0 + 0.3 on the family mean."""
     _require("icl-tiny")
     from icl_circuits import load_model
     from icl_circuits.transplant import transplant_test
 
     model = load_model("fixture:icl-tiny", device="cpu")
-    res = transplant_test(model, "fixture-rule-shift4", 8, n_heads=16, n_prompts=32, seed=0)
-    assert res.with_vector_acc >= res.zero_shot_acc + 0.15
-    assert res.with_vector_acc >= res.random_control_acc + 0.15
-    assert res.with_vector_acc >= res.shuffled_control_acc + 0.15
+    by_rank = []
+    for shift in range(1, 6):
+        res = transplant_test(model, f"fixture-rule-shift{shift}", 8, n_heads=4, n_prompts=64, seed=0)
+        controls = (res.zero_shot_acc, res.fast_weight_random_acc, res.fast_weight_shuffled_acc)
+        assert res.fast_weight_acc >= max(controls) + 0.3, (shift, res.fast_weight_acc, controls)
+        by_rank.append(dict(res.by_rank))
+    assert np.mean([r[1] for r in by_rank]) >= np.mean([r[0] for r in by_rank]) + 0.3
 
 
 def test_regression_fixture_matches_one_gd_step():
