@@ -302,13 +302,19 @@ class TransplantResult:
         fw_bars = go.Figure(go.Bar(x=names, y=vals, text=[f"{v:.2f}" for v in vals], textposition="outside"))
         fw_bars.update_layout(title=f"Fast-weight transplant (b + W q~ in every head) on the same {self.n_test} "
                                     "held-out queries", yaxis_title="accuracy", yaxis_range=[0, 1.1])  # fmt: skip
-        curve = go.Figure(go.Scatter(x=[str(r) for r, _ in self.by_rank], y=[a for _, a in self.by_rank],
-                                     mode="lines+markers", name="all heads, rank r"))  # fmt: skip
-        curve.add_trace(go.Bar(x=[f"layer {l}" for l, _ in self.by_layer], y=[a for _, a in self.by_layer],
-                               name="full rank, one layer's heads"))  # fmt: skip
+        from plotly.subplots import make_subplots
+
+        curve = make_subplots(rows=1, cols=2, subplot_titles=("every head, W truncated to rank r (0: bias only)",
+                                                             "full rank, one layer's heads at a time"))  # fmt: skip
+        curve.add_trace(go.Scatter(x=[str(r) for r, _ in self.by_rank], y=[a for _, a in self.by_rank],
+                                   mode="lines+markers", name="by rank"), row=1, col=1)  # fmt: skip
+        curve.add_trace(go.Bar(x=[str(l) for l, _ in self.by_layer], y=[a for _, a in self.by_layer],
+                               name="by layer"), row=1, col=2)  # fmt: skip
         curve.add_hline(y=self.zero_shot_acc, line_dash="dash", annotation_text="zero-shot")
-        curve.update_layout(title="Fast weight truncated to rank r (0: bias only), and one layer at a time",
-                            yaxis_title="accuracy", yaxis_range=[0, 1.05])  # fmt: skip
+        curve.update_xaxes(title_text="rank r", type="category", row=1, col=1)
+        curve.update_xaxes(title_text="layer", type="category", row=1, col=2)
+        curve.update_yaxes(title_text="accuracy", range=[0, 1.05])
+        curve.update_layout(title="Fast-weight transplant by rank and by layer", showlegend=False)
         return [bars, sweep, fw_bars, curve]
 
     def _repr_html_(self) -> str:
