@@ -212,8 +212,7 @@ def decompose(
     hs = parse_heads(heads, model)
     layers = sorted({l for l, _ in hs})
     n_heads, scale = int(model.cfg.n_heads), _score_scale(model)
-    rotary = model.cfg.positional_embedding_type == "rotary"
-    qn, kn = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+    qn, kn = qk_hook_names(model)
     wanted = {"ln_final.hook_scale"}
     for l in layers:
         wanted |= {f"blocks.{l}.attn.{n}" for n in ("hook_pattern", "hook_v", "hook_z", "hook_attn_scores", qn, kn)}
@@ -261,6 +260,12 @@ def decompose(
     return Decomposition(
         tuple(hs), st[0], st[1][:, :, : roles.n_demos], st[2], st[3], st[4], W_O_heads, st[5], st[6], st[7], final_scale
     )
+
+
+def qk_hook_names(model: Any) -> tuple[str, str]:
+    """The attention hooks holding ``q~`` and ``k~`` as they enter the scores (after rotary where the model has it)."""
+    rotary = model.cfg.positional_embedding_type == "rotary"
+    return ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
 
 
 def _per_head_act(act: torch.Tensor, n_heads: int) -> torch.Tensor:

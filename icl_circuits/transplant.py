@@ -102,15 +102,10 @@ class DemoMemory:
     scale: float
 
 
-def _qk_names(model: Any) -> tuple[str, str]:
-    rotary = model.cfg.positional_embedding_type == "rotary"
-    return ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
-
-
 @torch.no_grad()
 def demo_memory(model: Any, tokens: torch.Tensor, roles: Any) -> DemoMemory:
     """Read every layer's demo keys, values and demo attention mass from ``tokens [prompt, pos]``."""
-    qn, kn = _qk_names(model)
+    _, kn = fw.qk_hook_names(model)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     names = {f"blocks.{l}.attn.{x}" for l in range(n_layers) for x in (kn, "hook_v", "hook_pattern")}
     device = getattr(model.cfg, "device", None) or "cpu"
@@ -134,7 +129,8 @@ def linear_fast_weight(mem: DemoMemory) -> tuple[torch.Tensor, torch.Tensor]:
     Ws, bs = [], []
     for K, V, a in zip(mem.keys, mem.values, mem.demo_attention):
         k_bar, v_bar = (K * d).sum(1) / n, (V * d).sum(1) / n  # [prompt, head, d_head]
-        dW = torch.einsum("pshe,pshf->phef", V * d, (K - k_bar[:, None]) * d) / (n[..., None] * mem.scale)
+        # V * d masks the non-demo positions out of the sum
+        dW = torch.einsum("pshe,pshf->phef", V * d, K - k_bar[:, None]) / (n[..., None] * mem.scale)
         Ws.append((a[..., None, None] * dW).mean(0))
         bs.append((a[..., None] * v_bar).mean(0))
     return torch.stack(Ws), torch.stack(bs)
@@ -168,7 +164,7 @@ def _logits_adding_to_z(
     (``[batch, head, d_head]`` or ``None``) added to ``hook_z`` there, layer by layer in one forward."""
     device = getattr(model.cfg, "device", None) or "cpu"
     rows, last = torch.arange(tokens.shape[0]), last_positions.cpu()
-    qn, _ = _qk_names(model)
+    qn, _ = fw.qk_hook_names(model)
     seen: dict[int, torch.Tensor] = {}
     hooks: list[tuple[str, Any]] = []
     for l in range(int(model.cfg.n_layers)):
@@ -281,6 +277,7 @@ class TransplantResult:
         """[vector accuracies, test accuracy by layer, fast-weight accuracies, fast weight by rank and layer].
         Pure: returns the figures."""
         import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
 
         names = ["zero-shot", "with task vector", "random vector", "shuffled-label vector"]
         vals = [self.zero_shot_acc, self.with_vector_acc, self.random_control_acc, self.shuffled_control_acc]
@@ -302,8 +299,6 @@ class TransplantResult:
         fw_bars = go.Figure(go.Bar(x=names, y=vals, text=[f"{v:.2f}" for v in vals], textposition="outside"))
         fw_bars.update_layout(title=f"Fast-weight transplant (b + W q~ in every head) on the same {self.n_test} "
                                     "held-out queries", yaxis_title="accuracy", yaxis_range=[0, 1.1])  # fmt: skip
-        from plotly.subplots import make_subplots
-
         curve = make_subplots(rows=1, cols=2, subplot_titles=("every head, W truncated to rank r (0: bias only)",
                                                              "full rank, one layer's heads at a time"))  # fmt: skip
         curve.add_trace(go.Scatter(x=[str(r) for r, _ in self.by_rank], y=[a for _, a in self.by_rank],
@@ -420,11 +415,12 @@ def transplant_test(
         tok, roles, ans, _ = render_examples(model, checked, examples)
         tok_s, roles_s, _, _ = render_examples(model, checked, shuffled)
         if heads == "auto":
-            dec_all = fw.decompose(model, tok, roles)
-            hs = fw.summarize(model, dec_all, ans).best(n_heads)
+            dec = fw.decompose(model, tok, roles)
+            hs = fw.summarize(model, dec, ans).best(n_heads)
         else:
             hs = fw.parse_heads(heads, model)
-        vec = fw.task_vector(fw.decompose(model, tok, roles, hs), hs)
+            dec = fw.decompose(model, tok, roles, hs)
+        vec = fw.task_vector(dec, hs)
         vec_s = fw.task_vector(fw.decompose(model, tok_s, roles_s, hs), hs)
         randoms = torch.randn(n_random, vec.shape[0], generator=gen)
         randoms = randoms / randoms.norm(dim=-1, keepdim=True) * vec.norm()
@@ -457,7 +453,8 @@ def transplant_test(
                "fw_shuffled": _acc(logits_with_fast_weight(model, t, lp, W_s, b_s), a),
                "fw_random": float(np.mean([_acc(logits_with_fast_weight(model, t, lp, *c), a) for c in controls])),
                "memory": _acc(logits_with_memory(model, t, lp, mem), a)}  # fmt: skip
-        acc |= {f"rank{r}": _acc(logits_with_fast_weight(model, t, lp, low_rank(W, r), b), a) for r in rank_list}
+        acc |= {f"rank{r}": _acc(logits_with_fast_weight(model, t, lp, low_rank(W, r), b), a) for r in rank_list[:-1]}
+        acc[f"rank{full}"] = acc["fw"]  # full rank is W itself
         acc |= {f"layer{l}": _acc(logits_with_fast_weight(model, t, lp, W, b, [l]), a) for l in range(n_layers)}
         for k, v in acc.items():
             totals[k] += v * n_test

@@ -304,13 +304,13 @@ def test_linear_fast_weight_is_the_first_order_softmax():
 def test_memory_read_of_its_own_prompt_is_the_demo_part(which, request):
     """Read by the prompt's own query, one prompt's softmax memory is exactly each head's demo part
     (``@ W_O``, as :func:`icl_circuits.fast_weights.decompose` splits it), rotary and grouped-query included."""
-    from icl_circuits.transplant import _qk_names, demo_memory, memory_read
+    from icl_circuits.transplant import demo_memory, memory_read
 
     model = request.getfixturevalue(which)
     tokens = fixture_tokens(3, 3, seed=11)
     roles = fw.roles_from_tokens(tokens, arrow_id=ARROW, sep_id=SEP)
     dec = fw.decompose(model, tokens, roles)
-    qn, _ = _qk_names(model)
+    qn, _ = fw.qk_hook_names(model)
     _, cache = model.run_with_cache(tokens)
     n_heads = int(model.cfg.n_heads)
     for p in range(tokens.shape[0]):
