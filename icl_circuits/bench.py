@@ -87,8 +87,8 @@ def bench_head_scan(quick: bool = False) -> list[BenchRow]:
     from transformer_lens import ActivationCache, patching
     from transformer_lens.head_detector import detect_head
 
-    from icl_circuits import heads as hd
-    from icl_circuits.head_scan import scan_heads
+    from icl_circuits.heads import scores as hd
+    from icl_circuits.heads.scan import scan_heads
     from icl_circuits.io import generator
 
     model = gpt2_small_random()
@@ -157,7 +157,7 @@ def bench_fast_weights(quick: bool = False) -> list[BenchRow]:
     them too (checked equal) plus the split by source role and demo and both fast-weight matrices.
     ``quick``: the first 3 layers' heads only.
     """
-    from icl_circuits import fast_weights as fw
+    from icl_circuits.fast_weights import decompose as fw
 
     model = gpt2_small_random()
     gen = torch.Generator().manual_seed(0)
@@ -192,8 +192,8 @@ def bench_fast_weights(quick: bool = False) -> list[BenchRow]:
 
 def _bound_pairs(model: Any, n: int, seed: int) -> Any:
     """Clean/corrupted ``fixture-bound`` prompts, 8 demos, labels shuffled among the demos in the corrupted one."""
-    from icl_circuits.pairs import patching_batch
-    from icl_circuits.tasks import get_task
+    from icl_circuits.tasks.pairs import patching_batch
+    from icl_circuits.tasks.registry import get_task
 
     return patching_batch(model, get_task("fixture-bound", model), 8, n, seed, corruption="shuffled_labels")
 
@@ -204,7 +204,7 @@ def bench_patching(quick: bool = False) -> list[BenchRow]:
 
     Reference for exact patching: ``patching.get_act_patch_attn_head_out_all_pos`` (one forward per
     head, 144) with the same per-example logit-difference metric; ours:
-    :func:`icl_circuits.patching.activation_patch`; the two are checked equal (max |diff| in the note).
+    :func:`icl_circuits.patching.exact.activation_patch`; the two are checked equal (max |diff| in the note).
     A second row runs ours with GPT-2's own Python-level GELU (``fast_activations=False``) to show
     what the fused kernel contributes.
     Reference for AtP: ``tools.analysis.attribution_patch`` (node granularity, one clean forward and
@@ -217,9 +217,9 @@ def bench_patching(quick: bool = False) -> list[BenchRow]:
     from transformer_lens import patching as tlp
     from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attribution_patch
 
-    from icl_circuits.atp import attribution_patch
     from icl_circuits.models import list_fixtures, load_model
-    from icl_circuits.patching import activation_patch
+    from icl_circuits.patching.atp import attribution_patch
+    from icl_circuits.patching.exact import activation_patch
 
     model = gpt2_small_random()
     gen = torch.Generator().manual_seed(0)

@@ -57,7 +57,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_head_scan(args: argparse.Namespace) -> int:
-    from icl_circuits.head_scan import save_head_scan, scan_heads
+    from icl_circuits.heads.report import save_head_scan
+    from icl_circuits.heads.scan import scan_heads
     from icl_circuits.models import load_model
 
     model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
@@ -71,7 +72,7 @@ def _cmd_head_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from icl_circuits.tasks import SUBSTITUTED_SUFFIX, all_tasks, tasks_dir
+    from icl_circuits.tasks.registry import SUBSTITUTED_SUFFIX, all_tasks, tasks_dir
 
     print(f"Tasks (files in {tasks_dir()}, then generated over the fixtures' vocabulary):")
     for name, task in all_tasks().items():
@@ -96,8 +97,8 @@ def _int_list(text: str) -> list[int]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from icl_circuits.io import atomic_write_json, provenance
     from icl_circuits.models import load_model
-    from icl_circuits.scoring import evaluate
-    from icl_circuits.tasks import get_task
+    from icl_circuits.tasks.registry import get_task
+    from icl_circuits.tasks.scoring import evaluate
 
     shots = _int_list(args.shots)
     model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
@@ -116,7 +117,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_fast_weights(args: argparse.Namespace) -> int:
     from icl_circuits.errors import InputError
-    from icl_circuits.fast_weights_job import run_fast_weights, write_fast_weights
+    from icl_circuits.fast_weights.job import run_fast_weights, write_fast_weights
     from icl_circuits.io import provenance
     from icl_circuits.models import load_model
 
@@ -146,10 +147,10 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    from icl_circuits.attribution import attribute, write_attribution
+    from icl_circuits.attribution.job import attribute, write_attribution
     from icl_circuits.io import provenance
     from icl_circuits.models import load_model
-    from icl_circuits.tasks import get_task
+    from icl_circuits.tasks.registry import get_task
 
     model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
     task = get_task(args.task, model)

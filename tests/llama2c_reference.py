@@ -1,6 +1,6 @@
 """An independent llama2.c reader, writer and plain-torch forward, written from the format notes.
 
-Shares no code with ``icl_circuits.llama2c``: llama2.c semantics (interleaved RoPE pairs, RMSNorm
+Shares no code with ``icl_circuits.models.llama2c``: llama2.c semantics (interleaved RoPE pairs, RMSNorm
 eps 1e-5, SwiGLU, grouped-query attention) computed directly on the file's arrays.
 """
 

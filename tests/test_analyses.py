@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from icl_circuits import InputError, TaskError, corpus
+from icl_circuits import InputError, TaskError
 from icl_circuits.analyze import ANALYSES, Analysis, get_analysis, run_analysis, save_analysis
 from icl_circuits.analyze.ablation import ablated_logits, head_ablation_effects, mean_z
 from icl_circuits.analyze.base import (
@@ -27,9 +27,10 @@ from icl_circuits.analyze.order import demo_set_queries, fix_mapping, orders
 from icl_circuits.analyze.shots_noise import shrink_coefficient
 from icl_circuits.analyze.unseen_task import classify
 from icl_circuits.models import fixtures_dir
-from icl_circuits.prompts import build_prompts, check_task
-from icl_circuits.scoring import score_prompts
-from icl_circuits.tasks import FixtureTask, Pair, PairTask, Template, get_task
+from icl_circuits.tasks import corpus
+from icl_circuits.tasks.prompts import build_prompts, check_task
+from icl_circuits.tasks.registry import FixtureTask, Pair, PairTask, Template, get_task
+from icl_circuits.tasks.scoring import score_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 WORD_TEMPLATE = Template(io_sep=" w0 ", demo_sep=" w1 ", filler="w2")
@@ -132,7 +133,7 @@ def test_single_head_mean_ablation_equals_transformer_lens_patching(fixture_like
 
 def test_ablation_sweep_full_forward_fallback_agrees(fixture_like, monkeypatch):
     """Ragged prompts; the resumed sweep and the one-full-forward-per-head fallback give the same effects."""
-    from icl_circuits.resume import BaseRun
+    from icl_circuits.patching.resume import BaseRun
 
     model, _ = fixture_like
     ps = build_prompts(model, FixtureTask("bound"), 3, 5, seed=0)
@@ -415,7 +416,7 @@ def icl_tiny():
 
 
 def test_icl_tiny_grid_agrees_with_evaluate(icl_tiny):
-    from icl_circuits.scoring import evaluate
+    from icl_circuits.tasks.scoring import evaluate
 
     r = ANALYSES["shots-and-noise"].run(icl_tiny, n=32, tasks=["fixture-rule"], shots=(0, 8), noise=(0.0, 0.5),
                                         progress=False)  # fmt: skip

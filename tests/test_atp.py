@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from icl_circuits import InputError, list_fixtures, load_model
-from icl_circuits.atp import attribution_patch, pearson, spearman
-from icl_circuits.patching import activation_patch
+from icl_circuits.patching.atp import attribution_patch, pearson, spearman
+from icl_circuits.patching.exact import activation_patch
 from tests.patching_models import random_gpt2, random_llama2c
 from tests.test_patching import make_pairs
 
@@ -203,8 +203,8 @@ def test_no_parameter_gradients_or_hooks_left(gqa):
 
 @pytest.mark.skipif("icl-tiny" not in list_fixtures(), reason="fixture:icl-tiny not built (make fixtures)")
 def test_atp_star_tracks_exact_head_patching_on_bound_task():
-    from icl_circuits.pairs import patching_batch
-    from icl_circuits.tasks import get_task
+    from icl_circuits.tasks.pairs import patching_batch
+    from icl_circuits.tasks.registry import get_task
 
     model = load_model("fixture:icl-tiny", device="cpu")
     pairs = patching_batch(model, get_task("fixture-bound", model), 8, 32, 0, corruption="shuffled_labels")

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from icl_circuits import InputError, load_model
-from icl_circuits.attribution import attribute
-from icl_circuits.demo_attribution import demo_attribution
+from icl_circuits.attribution.demos import demo_attribution
+from icl_circuits.attribution.job import attribute
 from icl_circuits.models import list_fixtures
-from icl_circuits.prompt_roles import ROLE_NAMES, render_examples
-from icl_circuits.prompts import check_task
-from icl_circuits.tasks import get_task
+from icl_circuits.tasks.prompts import check_task
+from icl_circuits.tasks.registry import get_task
+from icl_circuits.tasks.roles import ROLE_NAMES, render_examples
 
 
 @pytest.fixture(scope="module")

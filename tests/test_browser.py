@@ -35,7 +35,8 @@ def _basic_report(out: Path) -> Path:
 
 def _head_scan_report(out: Path) -> Path:
     from icl_circuits import load_model
-    from icl_circuits.head_scan import save_head_scan, scan_heads
+    from icl_circuits.heads.report import save_head_scan
+    from icl_circuits.heads.scan import scan_heads
     from tests.test_llama2c import _random_checkpoint
 
     model = load_model(str(_random_checkpoint(out / "gqa.bin", L=3, n_kv=2, seq_len=40)), device="cpu")

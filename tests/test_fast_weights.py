@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from icl_circuits import fast_weights as fw
 from icl_circuits.errors import InputError, TaskError, TokenizationError
+from icl_circuits.fast_weights import decompose as fw
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
-ARROW, SEP = 3, 4  # icl_circuits.corpus token ids of "->" and ";"
+ARROW, SEP = 3, 4  # icl_circuits.tasks.corpus token ids of "->" and ";"
 
 
 # ---------------------------------------------------------------- models
@@ -114,8 +114,8 @@ def test_roles_from_tokens():
 
 
 def test_roles_from_prompts_match_token_parse_and_multi_token_keys(fixture_shaped):
-    from icl_circuits.prompts import build_prompts, pad_right
-    from icl_circuits.tasks import FIXTURE_TEMPLATE, Pair, PairTask, get_task
+    from icl_circuits.tasks.prompts import build_prompts, pad_right
+    from icl_circuits.tasks.registry import FIXTURE_TEMPLATE, Pair, PairTask, get_task
 
     task = get_task("fixture-recorded0", fixture_shaped)
     ps = build_prompts(fixture_shaped, task, 3, 6, seed=1)
@@ -242,7 +242,7 @@ def test_summary_readout_and_plots(fixture_shaped):
 
 
 def test_logits_with_vector_cleans_up(fixture_shaped):
-    from icl_circuits.transplant import logits_with_vector
+    from icl_circuits.fast_weights.transplant import logits_with_vector
 
     tokens = fixture_tokens(3, 2, seed=6)
     last = torch.full((3,), tokens.shape[1] - 1)
@@ -260,8 +260,8 @@ def test_logits_with_vector_cleans_up(fixture_shaped):
 
 
 def test_derange_labels():
-    from icl_circuits.tasks import FewShot, Pair
-    from icl_circuits.transplant import derange_labels
+    from icl_circuits.fast_weights.transplant import derange_labels
+    from icl_circuits.tasks.registry import FewShot, Pair
 
     ex = FewShot(tuple(Pair(k, v) for k, v in zip("abcde", "vwxyz")), Pair("f", "u"))
     out = derange_labels(ex, np.random.default_rng(0))
@@ -275,7 +275,7 @@ def test_derange_labels():
 def test_linear_fast_weight_is_the_first_order_softmax():
     """``b + W q`` equals the mean over prompts of ``a_p sum_s (1 + (q.k_s - q.k_bar) / scale) / n_p v_s``,
     and the exact softmax memory approaches it as ``|q| -> 0`` (error O(|q|^2))."""
-    from icl_circuits.transplant import DemoMemory, linear_fast_weight, memory_read
+    from icl_circuits.fast_weights.transplant import DemoMemory, linear_fast_weight, memory_read
 
     g = torch.Generator().manual_seed(0)
     P, S, H, e, L = 3, 7, 2, 4, 2
@@ -303,8 +303,9 @@ def test_linear_fast_weight_is_the_first_order_softmax():
 @pytest.mark.parametrize("which", ["fixture_shaped", "gqa_llama"])
 def test_memory_read_of_its_own_prompt_is_the_demo_part(which, request):
     """Read by the prompt's own query, one prompt's softmax memory is exactly each head's demo part
-    (``@ W_O``, as :func:`icl_circuits.fast_weights.decompose` splits it), rotary and grouped-query included."""
-    from icl_circuits.transplant import demo_memory, memory_read
+    (``@ W_O``, as :func:`~icl_circuits.fast_weights.decompose.decompose` splits it), rotary
+    and grouped-query included."""
+    from icl_circuits.fast_weights.transplant import demo_memory, memory_read
 
     model = request.getfixturevalue(which)
     tokens = fixture_tokens(3, 3, seed=11)
@@ -323,7 +324,7 @@ def test_memory_read_of_its_own_prompt_is_the_demo_part(which, request):
 
 
 def test_low_rank_and_random_fast_weight():
-    from icl_circuits.transplant import low_rank, random_fast_weight
+    from icl_circuits.fast_weights.transplant import low_rank, random_fast_weight
 
     g = torch.Generator().manual_seed(1)
     W, b = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 3, 5, generator=g)
@@ -337,7 +338,7 @@ def test_low_rank_and_random_fast_weight():
 
 
 def test_logits_with_fast_weight_cleans_up(fixture_shaped):
-    from icl_circuits.transplant import logits_with_fast_weight
+    from icl_circuits.fast_weights.transplant import logits_with_fast_weight
 
     m = fixture_shaped
     tokens = fixture_tokens(3, 2, seed=6)
@@ -356,7 +357,7 @@ def test_logits_with_fast_weight_cleans_up(fixture_shaped):
 
 
 def test_transplant_runs_with_controls(fixture_shaped):
-    from icl_circuits.transplant import transplant_test
+    from icl_circuits.fast_weights.transplant import transplant_test
 
     res = transplant_test(fixture_shaped, "fixture-recorded0", 3, n_prompts=8, n_random=2, layers=[0, 2])
     assert res.n_test == 26 and len(res.layers) == 2 and all(x in (0, 2) for x in res.layers)
@@ -375,7 +376,7 @@ def test_transplant_runs_with_controls(fixture_shaped):
 
 
 def test_predictions_run(fixture_shaped):
-    from icl_circuits.fast_weight_predictions import measure_predictions
+    from icl_circuits.fast_weights.predictions import measure_predictions
 
     p = measure_predictions(fixture_shaped, "fixture-recorded0", 4, [(1, 0)], n_prompts=6, repeats=(1, 2, 4),
                             noise=(0.0, 0.5), n_orders=2)  # fmt: skip
@@ -415,7 +416,7 @@ def test_icl_tiny_fast_weight_transplant_does_the_rule_family():
     Stated bounds: every shift >= 0.3 above each control; rank 1 >= rank 0 + 0.3 on the family mean."""
     _require("icl-tiny")
     from icl_circuits import load_model
-    from icl_circuits.transplant import transplant_test
+    from icl_circuits.fast_weights.transplant import transplant_test
 
     model = load_model("fixture:icl-tiny", device="cpu")
     by_rank = []
@@ -430,7 +431,7 @@ def test_icl_tiny_fast_weight_transplant_does_the_rule_family():
 def test_regression_fixture_matches_one_gd_step():
     """Stated bound: on fresh data the trained LSA's predictions have cosine >= 0.98 with one GD step, N = 1..20."""
     _require("regression-tiny", "lsa_config.json")
-    from icl_circuits.regression import compare_with_gd, load_lsa
+    from icl_circuits.fast_weights.regression import compare_with_gd, load_lsa
 
     model = load_lsa()
     record = json.loads((FIXTURES / "regression-tiny" / "record.json").read_text())
@@ -443,7 +444,7 @@ def test_regression_fixture_matches_one_gd_step():
 
 
 def test_regression_readout_is_exact_and_untrained_control_fails():
-    from icl_circuits.regression import LinearSelfAttention, LSAConfig, compare_with_gd, sample_regression
+    from icl_circuits.fast_weights.regression import LinearSelfAttention, LSAConfig, compare_with_gd, sample_regression
 
     model = LinearSelfAttention(LSAConfig(d=3, n_heads=2), torch.Generator().manual_seed(1))
     demos, xq, _, _ = sample_regression(torch.Generator().manual_seed(0), 16, 4, 3)
@@ -459,7 +460,7 @@ def test_regression_training_script_runs(tmp_path):
     cmd = [sys.executable, "-m", "fixtures.train_regression", "--steps", "300", "--out", str(tmp_path / "r")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    from icl_circuits.regression import load_lsa
+    from icl_circuits.fast_weights.regression import load_lsa
 
     assert load_lsa(tmp_path / "r").cfg.d == 5
     assert (tmp_path / "r" / "model.safetensors").stat().st_size < 10 * 2**20

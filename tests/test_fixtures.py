@@ -10,7 +10,8 @@ import pytest
 
 from fixtures import properties
 from fixtures.train import FIXTURES, MANIFEST, ROOT, sha256_of
-from icl_circuits import corpus, load_model
+from icl_circuits import load_model
+from icl_circuits.tasks import corpus
 
 
 def _require(name: str) -> None:

@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from icl_circuits import InputError, load_model
-from icl_circuits.atp import spearman
-from icl_circuits.function_vectors import FunctionVectorHeads, function_vector, function_vector_heads, head_mean_patch
-from icl_circuits.pairs import patching_batch
-from icl_circuits.tasks import get_task
+from icl_circuits.attribution.function_vectors import (
+    FunctionVectorHeads,
+    function_vector,
+    function_vector_heads,
+    head_mean_patch,
+)
+from icl_circuits.patching.atp import spearman
+from icl_circuits.tasks.pairs import patching_batch
+from icl_circuits.tasks.registry import get_task
 from tests.patching_models import random_gpt2, random_llama2c
 from tests.test_patching import make_pairs
 

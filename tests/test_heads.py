@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from icl_circuits import InputError, load_model
-from icl_circuits import composition as comp
-from icl_circuits import heads as hd
-from icl_circuits.head_scan import RoleThresholds, save_head_scan, scan_heads
+from icl_circuits.heads import composition as comp
+from icl_circuits.heads import scores as hd
+from icl_circuits.heads.report import save_head_scan
+from icl_circuits.heads.scan import RoleThresholds, scan_heads
 from icl_circuits.models import fixtures_dir
 
 REMOTE_SCRIPT = re.compile(r"<script[^>]+src=[\"']?(https?:)?//", re.IGNORECASE)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from icl_circuits import CheckpointFormatError, ModelSpecError, NoTokenizerError, load_model
-from icl_circuits.llama2c import load_tokenizer, read_header
+from icl_circuits.models.llama2c import load_tokenizer, read_header
 from tests import llama2c_reference as ref
 
 GREEDY_IDS = [319, 459, 355, 260, 275, 429, 339, 315, 374, 327, 446, 262, 421, 392, 275, 280, 269, 440, 270, 283]

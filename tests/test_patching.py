@@ -8,8 +8,8 @@ import torch
 from transformer_lens import patching as tlp
 
 from icl_circuits import InputError, load_model
-from icl_circuits.patching import PatchEffects, activation_patch
-from icl_circuits.resume import capture_run
+from icl_circuits.patching.exact import PatchEffects, activation_patch
+from icl_circuits.patching.resume import capture_run
 from tests.patching_models import random_gpt2, random_llama2c
 
 TL_SWEEPS = {

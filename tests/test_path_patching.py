@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from icl_circuits import InputError, load_model
-from icl_circuits.heads import ordinary_token_ids, repeated_random_tokens
-from icl_circuits.path_patching import path_patch
+from icl_circuits.heads.scores import ordinary_token_ids, repeated_random_tokens
+from icl_circuits.patching.paths import path_patch
 from tests.patching_models import random_gpt2, random_llama2c
 from tests.test_patching import make_pairs
 

@@ -9,9 +9,9 @@ import torch
 
 from icl_circuits import TaskError
 from icl_circuits.models import fixtures_dir
-from icl_circuits.prompts import build_prompts, pad_right
-from icl_circuits.scoring import evaluate, score_prompts, score_tokens
-from icl_circuits.tasks import Pair, PairTask, Template
+from icl_circuits.tasks.prompts import build_prompts, pad_right
+from icl_circuits.tasks.registry import Pair, PairTask, Template
+from icl_circuits.tasks.scoring import evaluate, score_prompts, score_tokens
 
 # tiny_gpt2's vocabulary is w0..w45: "w0" separates input and output, "w1" the demos.
 WORD_TEMPLATE = Template(io_sep=" w0 ", demo_sep=" w1 ", filler="w2")
@@ -109,7 +109,7 @@ def test_fixture_accuracies_through_the_tasks_api(icl_tiny):
 def test_fixture_properties_reproduce_through_the_tasks_api(icl_tiny):
     """fixtures/properties.py measures ICL accuracy through this API: re-measuring gives MANIFEST.json's values."""
     from fixtures import properties
-    from icl_circuits.tasks import corpus_config_for
+    from icl_circuits.tasks.registry import corpus_config_for
 
     props = properties.icl_properties(icl_tiny, corpus_config_for(icl_tiny))
     manifest = json.loads((fixtures_dir() / "MANIFEST.json").read_text())["fixtures"]["icl-tiny"]["properties"]

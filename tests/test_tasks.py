@@ -10,9 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from icl_circuits import PromptTooLongError, TaskError, TokenizationError, corpus
-from icl_circuits.pairs import CORRUPTIONS, patching_batch
-from icl_circuits.prompts import (
+from icl_circuits import PromptTooLongError, TaskError, TokenizationError
+from icl_circuits.tasks import corpus
+from icl_circuits.tasks.pairs import CORRUPTIONS, patching_batch
+from icl_circuits.tasks.prompts import (
     build_prompts,
     check_task,
     continuation_ids,
@@ -21,7 +22,7 @@ from icl_circuits.prompts import (
     permute_demos,
     repeat_demos,
 )
-from icl_circuits.tasks import (
+from icl_circuits.tasks.registry import (
     FewShot,
     FixtureTask,
     Pair,
@@ -100,7 +101,7 @@ def test_get_task_names_and_unknown():
 
 
 def test_fixture_tasks_read_the_models_corpus(fixture_like, tmp_path):
-    from icl_circuits.tasks import corpus_config_for
+    from icl_circuits.tasks.registry import corpus_config_for
 
     assert corpus_config_for(fixture_like) == corpus.CorpusConfig()
     assert corpus_config_for(None) == corpus.CorpusConfig()
@@ -347,7 +348,7 @@ def test_bpe_patching_with_multi_token_labels(bpe_gpt2):
 def test_fixture_scores_equal_the_direct_corpus_loop(fixture_like):
     """fixtures/properties.py measures through this API: same episodes, same logits as encoding the corpus directly."""
     from fixtures import properties
-    from icl_circuits.scoring import score_prompts
+    from icl_circuits.tasks.scoring import score_prompts
 
     cfg = corpus.CorpusConfig()
     for family, k in (("bound", 8), ("rule", 2), ("recorded", 1)):

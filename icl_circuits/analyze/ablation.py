@@ -11,7 +11,7 @@ with ``layer_head_vector_patch_setter`` and a cache of means). Several heads are
 mean logit difference ``LD = logit[answer] - logit[contrast]``: ``effect = LD_ablated - LD_clean``
 (negative: the head supports the answer). Cost: one forward of the prompts for the means, then one
 per ablated set; the sweep resumes each ablated run at the head's layer and reads one logit column
-(:mod:`icl_circuits.resume`), several heads per forward: about ``H * sum_l (L - l) / L`` batch
+(:mod:`icl_circuits.patching.resume`), several heads per forward: about ``H * sum_l (L - l) / L`` batch
 forwards of the upper layers instead of ``L * H`` full ones.
 """
 
@@ -122,11 +122,11 @@ def head_ablation_effects(
     (``heads``: sweep only these; the others are 0).
 
     The ablated runs start at the head's layer from the cached clean residual and read only the
-    answer-minus-contrast logit (:mod:`icl_circuits.resume`, the engine of exact patching), several
+    answer-minus-contrast logit (:mod:`icl_circuits.patching.resume`, the engine of exact patching), several
     heads per forward (at most ``max_rows`` sequences); for an architecture the resumed blocks do not
     reproduce (``BaseRun.check``), every ablation is a full forward instead.
     """
-    from icl_circuits.resume import capture_run
+    from icl_circuits.patching.resume import capture_run
 
     padded, last = padded_batch(model, tokens, last_positions)
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)

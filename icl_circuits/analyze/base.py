@@ -8,8 +8,8 @@ and :meth:`Analysis.findings` -- the few numbers ``record-vs-circuit`` puts side
 
 Readouts at the answer position ``t`` of each right-padded prompt (a causal model's logits there do
 not see the padding): :func:`answer_logits` ``[batch, d_vocab]`` (the same numbers as
-:func:`icl_circuits.scoring.score_tokens` uses; :func:`scores_from_logits` gives its
-:class:`~icl_circuits.scoring.Scores`), :func:`label_log_probs` (log-probabilities renormalised over a
+:func:`icl_circuits.tasks.scoring.score_tokens` uses; :func:`scores_from_logits` gives its
+:class:`~icl_circuits.tasks.scoring.Scores`), :func:`label_log_probs` (log-probabilities renormalised over a
 task's label tokens) and :func:`head_logit_attribution` (direct logit attribution of every head).
 
 Cost: one forward per ``batch_size`` prompts for each readout.
@@ -22,11 +22,11 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from icl_circuits import corpus
 from icl_circuits.errors import InputError, TaskError, TokenizationError
-from icl_circuits.prompts import pad_right, pad_token_id
 from icl_circuits.report import Section, table_html
-from icl_circuits.scoring import Scores
+from icl_circuits.tasks import corpus
+from icl_circuits.tasks.prompts import pad_right, pad_token_id
+from icl_circuits.tasks.scoring import Scores
 
 
 @runtime_checkable
@@ -114,13 +114,13 @@ def pick_tasks(
 ) -> list[str]:
     """``tasks`` when given; else ``fixture`` for models on the corpus vocabulary; else the first ``count``
     tasks of ``lm`` that the model's tokenizer can score (answers with distinct first tokens, see
-    :func:`icl_circuits.prompts.check_task`) with at least ``min_shots`` demos.
+    :func:`icl_circuits.tasks.prompts.check_task`) with at least ``min_shots`` demos.
 
     Raises:
         TaskError: ``tasks`` is empty, or no task of ``lm`` is usable (each one's reason listed).
     """
-    from icl_circuits.prompts import check_task
-    from icl_circuits.tasks import get_task
+    from icl_circuits.tasks.prompts import check_task
+    from icl_circuits.tasks.registry import get_task
 
     if tasks is not None:
         chosen = [t for t in tasks if t]
@@ -205,8 +205,8 @@ def answer_logits(
 
 
 def scores_from_logits(final: torch.Tensor, answer_ids: torch.Tensor, contrast_ids: torch.Tensor) -> Scores:
-    """:class:`~icl_circuits.scoring.Scores` from ``final [batch, d_vocab]`` (the definitions of
-    :mod:`icl_circuits.scoring`: argmax correct, strict rank, ``logit[a] - logit[c]``, softmax prob)."""
+    """:class:`~icl_circuits.tasks.scoring.Scores` from ``final [batch, d_vocab]`` (the definitions of
+    :mod:`icl_circuits.tasks.scoring`: argmax correct, strict rank, ``logit[a] - logit[c]``, softmax prob)."""
     a, c = answer_ids.long()[:, None], contrast_ids.long()[:, None]
     ans = final.gather(1, a)[:, 0]
     return Scores(

@@ -44,12 +44,12 @@ from icl_circuits.analyze.base import (
     uses_corpus_vocab,
 )
 from icl_circuits.errors import InputError
-from icl_circuits.head_scan import token_labels
+from icl_circuits.heads.scan import token_labels
 from icl_circuits.models import model_info
-from icl_circuits.prompt_roles import roles_from_prompts
-from icl_circuits.prompts import build_prompts, check_task
 from icl_circuits.report import Section, attention_html, figure_html, table_html
-from icl_circuits.tasks import get_task
+from icl_circuits.tasks.prompts import build_prompts, check_task
+from icl_circuits.tasks.registry import get_task
+from icl_circuits.tasks.roles import roles_from_prompts
 
 FIXTURE_TASKS = ("fixture-bound", "fixture-rule")
 FLOWS = ("S_wp", "S_pq", "S_ww")

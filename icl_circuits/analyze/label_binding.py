@@ -3,15 +3,15 @@ and which of them need the induction heads.
 
 **Conditions.** Each task is run twice with ``k`` demos: with its own labels, and with its labels
 replaced, afresh for every prompt, by distinct upper-case symbols ``A..Z`` and the query drawn
-among the demos (``build_prompts(..., substitute=UPPER)``; :class:`~icl_circuits.tasks.SubstitutedTask`):
+among the demos (``build_prompts(..., substitute=UPPER)``; :class:`~icl_circuits.tasks.registry.SubstitutedTask`):
 the "A -> B, C -> D, A -> ?" probe, which only binding in context can solve (upper-case letters are
 never labels in the fixture corpus). On the fixture vocabulary the tasks are ``fixture-recorded``
 (a permutation stored in the weights; the query is not among the demos), ``fixture-bound`` (a fresh
 binding; the query is among the demos) and ``fixture-rule`` (shift-by-s; the query is not among the
 demos); for other models ``country-capital`` and ``antonym``.
 
-**Induction-head ablation.** The heads :func:`icl_circuits.head_scan.scan_heads` classifies as
-induction heads (its :class:`~icl_circuits.head_scan.RoleThresholds`) are mean-ablated together on
+**Induction-head ablation.** The heads :func:`icl_circuits.heads.scan.scan_heads` classifies as
+induction heads (its :class:`~icl_circuits.heads.scan.RoleThresholds`) are mean-ablated together on
 ``hook_z`` (:mod:`icl_circuits.analyze.ablation`; means over the same condition's prompts). Control:
 as many heads drawn at random among the others (``n_controls`` draws, seeded, averaged).
 
@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits import corpus
 from icl_circuits.analyze.ablation import ablated_logits, check_heads, mean_z
 from icl_circuits.analyze.base import (
     AnalysisMixin,
@@ -46,9 +45,10 @@ from icl_circuits.analyze.base import (
     uses_corpus_vocab,
 )
 from icl_circuits.models import model_info
-from icl_circuits.prompts import build_prompts, check_task
 from icl_circuits.report import Section, figure_html, table_html
-from icl_circuits.tasks import get_task
+from icl_circuits.tasks import corpus
+from icl_circuits.tasks.prompts import build_prompts, check_task
+from icl_circuits.tasks.registry import get_task
 
 FIXTURE_TASKS = ("fixture-recorded", "fixture-bound", "fixture-rule")
 SYMBOLS: tuple[str, ...] = corpus.UPPER
@@ -151,7 +151,7 @@ class LabelBinding(AnalysisMixin):
 
 def find_induction_heads(model: Any, seed: int, *, ablation: bool = True) -> tuple[list[tuple[int, int]], str]:
     """The head scan's induction heads (strongest first) and a note of how they were found."""
-    from icl_circuits.head_scan import scan_heads
+    from icl_circuits.heads.scan import scan_heads
 
     seq_len = min(20, (int(model.cfg.n_ctx) - 1) // 2)
     scan = scan_heads(model, seq_len=seq_len, batch=16, seed=seed, ablation=ablation, progress=False)

@@ -16,7 +16,7 @@ label probabilities ``p_cf`` (softmax over the task's label tokens) are read at 
 Calibrated label probabilities are ``W p`` with ``W = diag(p_cf)^-1`` (bias 0), renormalised; so
 ``log q_cal = log q - log p_cf + const`` and the calibrated logit difference is
 ``LD - (log p_cf[answer] - log p_cf[contrast])``. Accuracy: argmax over the whole vocabulary
-(uncalibrated, as :mod:`icl_circuits.scoring`), over the labels (``label_accuracy``) and over the
+(uncalibrated, as :mod:`icl_circuits.tasks.scoring`), over the labels (``label_accuracy``) and over the
 calibrated labels (``calibrated_accuracy``). The contrast of each query is fixed across orders (the
 latest other demo label in the drawn order), so logit differences are comparable across orders.
 
@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits import corpus
 from icl_circuits.analyze.base import (
     AnalysisMixin,
     answer_logits,
@@ -55,9 +54,10 @@ from icl_circuits.analyze.base import (
 )
 from icl_circuits.errors import TaskError
 from icl_circuits.models import model_info
-from icl_circuits.prompts import CheckedTask, check_length, check_task, encode, render_prompt
 from icl_circuits.report import Section, figure_html, table_html
-from icl_circuits.tasks import FewShot, FixtureTask, Pair, PairTask, Task, get_task
+from icl_circuits.tasks import corpus
+from icl_circuits.tasks.prompts import CheckedTask, check_length, check_task, encode, render_prompt
+from icl_circuits.tasks.registry import FewShot, FixtureTask, Pair, PairTask, Task, get_task
 
 FIXTURE_TASKS = ("fixture-bound", "fixture-rule")
 METRICS = ("accuracy", "label_accuracy", "calibrated_accuracy", "logit_diff", "calibrated_logit_diff")

@@ -8,9 +8,9 @@ prompts exceed the model's context are skipped and listed.
 logit[contrast]``, the answer's probability, and ``unchanged``: the share of prompts whose argmax
 equals the one at ``r = 1``.
 
-**Fast weights** (:mod:`icl_circuits.fast_weights`). The heads are the ``n_heads`` whose demo part
+**Fast weights** (:mod:`icl_circuits.fast_weights.decompose`). The heads are the ``n_heads`` whose demo part
 ``c_D`` gives the answer the largest logit-lens logit at ``r = 1`` (``FastWeights.best``); per ``r``,
-:func:`icl_circuits.fast_weight_predictions.measure_predictions` gives ``|dW_lin|_F`` (the linear
+:func:`icl_circuits.fast_weights.predictions.measure_predictions` gives ``|dW_lin|_F`` (the linear
 dual form ``sum_{s in demos} u_s k~_s^T / sqrt(d_head)``, mean over heads and prompts), ``|c_D|`` (the
 demo part of the heads' outputs, summed over heads) and the demo part's answer logit. If each copy
 of a demo token contributed the same ``u_s k~_s^T``, ``|dW_lin|`` would grow exactly ``r``-fold, while
@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from icl_circuits import fast_weights as fw
 from icl_circuits.analyze.base import (
     AnalysisMixin,
     answer_logits,
@@ -40,12 +39,13 @@ from icl_circuits.analyze.base import (
     scores_from_logits,
 )
 from icl_circuits.errors import PromptTooLongError
-from icl_circuits.fast_weight_predictions import measure_predictions
+from icl_circuits.fast_weights import decompose as fw
+from icl_circuits.fast_weights.predictions import measure_predictions
 from icl_circuits.models import model_info
-from icl_circuits.prompt_roles import render_examples
-from icl_circuits.prompts import build_prompts, check_task
 from icl_circuits.report import Section, figure_html, table_html
-from icl_circuits.tasks import get_task
+from icl_circuits.tasks.prompts import build_prompts, check_task
+from icl_circuits.tasks.registry import get_task
+from icl_circuits.tasks.roles import render_examples
 
 FIXTURE_TASKS = ("fixture-bound", "fixture-rule")
 REPEATS = (1, 2, 3)

@@ -1,11 +1,11 @@
 """``shots-and-noise``: accuracy and logit difference against the number of demos and the label-noise rate.
 
 **Grid.** For each task, each number of shots ``k`` and each nominal noise rate ``p``,
-:func:`icl_circuits.scoring.evaluate` scores ``n`` prompts (seed ``seed + k``; the same examples at
+:func:`icl_circuits.tasks.scoring.evaluate` scores ``n`` prompts (seed ``seed + k``; the same examples at
 every ``p``, only ``round(p k)`` demo labels flipped to another label of the task -- the realised
 fraction ``flipped = round(p k) / k`` is reported beside ``p``). Accuracy is argmax over the whole
 vocabulary; ``logit_diff = logit[answer] - logit[contrast]`` with the contrast of
-:mod:`icl_circuits.prompts` (the latest demo label other than the answer).
+:mod:`icl_circuits.tasks.prompts` (the latest demo label other than the answer).
 
 **Shrink toward the mean prediction** (at ``k = noise_shots``). A Bayesian learner given noisier
 demonstrations moves its prediction back toward its prior predictive; for a model, that is its
@@ -17,7 +17,7 @@ was trained on. With label log-probabilities ``log q`` (log-softmax over the tas
     beta_p = sum_b <u_p,b, u_0,b> / sum_b |u_0,b|^2
 
 the update's component along the clean update (the fast-weight predictions of
-:mod:`icl_circuits.fast_weight_predictions` use the same coefficient over the full vocabulary).
+:mod:`icl_circuits.fast_weights.predictions` use the same coefficient over the full vocabulary).
 Sign: ``beta = 1`` no shrink (``p = 0`` by construction), ``0`` back at the zero-shot prediction,
 ``< 0`` past it. Also ``KL(q_p || q_zero-shot)`` and the label-probability of the clean answer.
 
@@ -47,10 +47,10 @@ from icl_circuits.analyze.base import (
 )
 from icl_circuits.errors import InputError, PromptTooLongError
 from icl_circuits.models import model_info
-from icl_circuits.prompts import CheckedTask, build_prompts, check_task, render_prompt
 from icl_circuits.report import Section, figure_html, table_html
-from icl_circuits.scoring import evaluate
-from icl_circuits.tasks import FewShot, get_task
+from icl_circuits.tasks.prompts import CheckedTask, build_prompts, check_task, render_prompt
+from icl_circuits.tasks.registry import FewShot, get_task
+from icl_circuits.tasks.scoring import evaluate
 
 FIXTURE_TASKS = ("fixture-rule", "fixture-bound")
 FIXTURE_SHOTS = (0, 1, 2, 4, 8, 12)

@@ -9,7 +9,7 @@ prompt, the query among the demos) is unseen. Given names are classified the sam
 (``:substituted``, ``fixture-bound-unseen`` and untrained shifts are unseen); when none of them is
 unseen, their substituted variants are added.
 
-**Accuracy by shots** (:func:`icl_circuits.scoring.evaluate`, seed ``seed + k`` at ``k`` shots), per
+**Accuracy by shots** (:func:`icl_circuits.tasks.scoring.evaluate`, seed ``seed + k`` at ``k`` shots), per
 task and averaged per group.
 
 **Heads responsible.** At ``head_shots`` demos, each head is mean-ablated alone
@@ -32,7 +32,6 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits import corpus
 from icl_circuits.analyze.ablation import head_ablation_effects
 from icl_circuits.analyze.base import (
     AnalysisMixin,
@@ -43,13 +42,14 @@ from icl_circuits.analyze.base import (
     pick_tasks,
     uses_corpus_vocab,
 )
-from icl_circuits.atp import pearson
 from icl_circuits.errors import InputError, PromptTooLongError
 from icl_circuits.models import model_info
-from icl_circuits.prompts import build_prompts, check_task
+from icl_circuits.patching.atp import pearson
 from icl_circuits.report import Section, figure_html, table_html
-from icl_circuits.scoring import evaluate
-from icl_circuits.tasks import SUBSTITUTED_SUFFIX, corpus_config_for, get_task
+from icl_circuits.tasks import corpus
+from icl_circuits.tasks.prompts import build_prompts, check_task
+from icl_circuits.tasks.registry import SUBSTITUTED_SUFFIX, corpus_config_for, get_task
+from icl_circuits.tasks.scoring import evaluate
 
 FIXTURE_SHOTS = (0, 1, 2, 4, 8)
 GROUPS = ("seen", "unseen")

@@ -22,8 +22,8 @@ import torch
 
 from icl_circuits.errors import InputError, TaskError
 from icl_circuits.models import model_info
-from icl_circuits.prompts import PromptSet, build_prompts, check_task, pad_right, pad_token_id
-from icl_circuits.tasks import SubstitutedTask, Task, Template, get_task
+from icl_circuits.tasks.prompts import PromptSet, build_prompts, check_task, pad_right, pad_token_id
+from icl_circuits.tasks.registry import SubstitutedTask, Task, Template, get_task
 
 DEFAULT_SHOTS = (0, 1, 2, 4, 8)
 
@@ -103,7 +103,7 @@ def score_tokens(
 
 
 def score_prompts(model: Any, prompts: PromptSet, *, batch_size: int = 16) -> Scores:
-    """Score a :class:`~icl_circuits.prompts.PromptSet` (answers and contrasts included)."""
+    """Score a :class:`~icl_circuits.tasks.prompts.PromptSet` (answers and contrasts included)."""
     return score_tokens(model, prompts.tokens, prompts.answer_ids, prompts.contrast_ids, batch_size=batch_size)
 
 

@@ -27,7 +27,7 @@ Speed: TransformerLens runs one full forward of the batch per patch. Here every 
 is one copy of the batch in a tiled forward that starts at block ``l`` from the cached residual (a
 head-output patch starts after the layer's attention, adding ``(z' - z) @ W_O`` to the cached
 mid-residual), runs the last block's MLP at the answer position only, and unembeds only the
-answer-minus-contrast column there (:mod:`icl_circuits.resume`, shortcuts verified per model); a
+answer-minus-contrast column there (:mod:`icl_circuits.patching.resume`, shortcuts verified per model); a
 patch that copies a value equal to the base run's (a position before the first differing token) is
 the identity and is not run. Cost of all-heads patching: ``H * B`` sequences through ``L - l``
 blocks for layer ``l`` (half the model on average), no unembedding, against ``L * H`` full
@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
-from icl_circuits.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
 
 ACTIVATIONS = ("z", "q", "k", "v", "pattern", "resid_pre")
 DIRECTIONS = ("denoising", "noising")
@@ -62,7 +62,7 @@ class PatchEffects:
     ``patched_logit_diff [*grid, batch]`` over the axes ``axis_names`` (``("layer", "head")``,
     ``("layer", "pos", "head")`` or ``("layer", "pos")``); ``clean_logit_diff`` and
     ``corrupted_logit_diff [batch]``. ``method`` is ``"exact"`` for activation patching, or the
-    name of the estimator when :mod:`icl_circuits.atp` fills it with estimated logit differences.
+    name of the estimator when :mod:`icl_circuits.patching.atp` fills it with estimated logit differences.
     """
 
     activation: str
@@ -335,7 +335,7 @@ def activation_patch(
         answer_positions: ``[batch]`` where the answer is read (right-padded batches); default last.
         max_rows: most sequences in one resumed forward (patches x batch), bounding memory.
         fast_activations: run GPT-2's tanh-GELU as one fused kernel (the same function; see
-            :func:`icl_circuits.resume.fused_activations`); ``False`` keeps the model's own modules.
+            :func:`icl_circuits.patching.resume.fused_activations`); ``False`` keeps the model's own modules.
 
     Raises:
         InputError: malformed tokens/answers, unknown activation or direction, a model in training

@@ -94,14 +94,14 @@ def roles_from_tokens(
 
 
 def roles_from_prompts(model: Any, prompts: Any, template: Any) -> PromptRoles:
-    """Roles of a :class:`~icl_circuits.prompts.PromptSet` rendered with ``template``, found by
+    """Roles of a :class:`~icl_circuits.tasks.prompts.PromptSet` rendered with ``template``, found by
     tokenizing the prompt text cut after each piece (prefix, input, arrow, label, separator).
 
     Raises:
         TokenizationError: a cut whose tokens are not a prefix of the prompt's tokens (a piece
             merged with its neighbour), so positions cannot be assigned to one role.
     """
-    from icl_circuits.prompts import encode, pad_right, pad_token_id
+    from icl_circuits.tasks.prompts import encode, pad_right, pad_token_id
 
     tokens, last = pad_right(prompts.tokens, pad_token_id(model))
     roles = torch.full(tokens.shape, -1, dtype=torch.long)
@@ -130,9 +130,9 @@ def roles_from_prompts(model: Any, prompts: Any, template: Any) -> PromptRoles:
 def render_examples(
     model: Any, checked: Any, examples: Sequence[Any]
 ) -> tuple[torch.Tensor, PromptRoles, torch.Tensor, torch.Tensor]:
-    """Few-shot examples (:class:`~icl_circuits.tasks.FewShot`) of a checked task -> right-padded
+    """Few-shot examples (:class:`~icl_circuits.tasks.registry.FewShot`) of a checked task -> right-padded
     ``tokens [batch, pos]``, their roles, ``answer_ids [batch]`` and ``contrast_ids [batch]``."""
-    from icl_circuits.prompts import PromptSet, pad_right, pad_token_id, render_prompt
+    from icl_circuits.tasks.prompts import PromptSet, pad_right, pad_token_id, render_prompt
 
     if not examples:
         raise InputError("no examples to render")

@@ -2,7 +2,7 @@
 
 Setting (Todd, Li, Sharma, Mueller, Wallace & Bau 2024, "Function Vectors in Large Language Models",
 ICLR, §2.1). For a task ``t``: clean few-shot prompts ``P_t`` and corrupted ones ``P~_t``, the same
-prompts with the demo labels shuffled (:func:`icl_circuits.pairs.patching_batch`,
+prompts with the demo labels shuffled (:func:`icl_circuits.tasks.pairs.patching_batch`,
 ``corruption="shuffled_labels"``: the input-output mapping is destroyed, the format kept). A head's
 **mean output** at the last position (where the answer is predicted) over the clean prompts::
 
@@ -22,12 +22,12 @@ function-vector heads; the sum of their mean outputs is the function vector
 
 Here the mean is taken over the same ``n`` clean prompts whose shuffled versions are patched (Todd et al.
 average over a separate set of clean prompts). :meth:`FunctionVectorHeads.overlap_with` compares the
-top-AIE heads with another head score, e.g. induction scores from :func:`icl_circuits.head_scan.scan_heads`,
+top-AIE heads with another head score, e.g. induction scores from :func:`icl_circuits.heads.scan.scan_heads`,
 to test Yin & Steinhardt (ICML 2025, "Which Attention Heads Matter for In-Context Learning?"): are the
 function-vector heads the induction heads?
 
 Cost: per task two unpatched forwards (clean, corrupted) and, per layer ``l``, one forward of
-``n_heads * n`` tiled sequences resumed at block ``l`` (:mod:`icl_circuits.resume`; at most ``max_rows``
+``n_heads * n`` tiled sequences resumed at block ``l`` (:mod:`icl_circuits.patching.resume`; at most ``max_rows``
 sequences per forward), with the unembedding only at the last position.
 """
 
@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.atp import spearman
 from icl_circuits.errors import InputError
-from icl_circuits.resume import BaseRun, capture_run, fused_activations
-from icl_circuits.tasks import Task
+from icl_circuits.patching.atp import spearman
+from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.tasks.registry import Task
 
 Head = tuple[int, int]
 
@@ -298,14 +298,14 @@ def function_vector_heads(
     """Todd et al.'s causal indirect effect of every head on every task; see the module docstring.
 
     Per task, ``n`` clean prompts with ``n_shots`` demos and their shuffled-label versions come from
-    :func:`icl_circuits.pairs.patching_batch` (``seed``); ``mean_z`` is taken at each clean prompt's last
+    :func:`icl_circuits.tasks.pairs.patching_batch` (``seed``); ``mean_z`` is taken at each clean prompt's last
     position and patched at the corrupted prompt's last position.
 
     Raises:
         InputError: no tasks, a model in training mode, or a model whose blocks cannot be resumed.
         TaskError, TokenizationError: from building the prompts (e.g. ``n_shots < 2``).
     """
-    from icl_circuits.pairs import patching_batch
+    from icl_circuits.tasks.pairs import patching_batch
 
     if not tasks:
         raise InputError("tasks is empty: give at least one task")

@@ -1,11 +1,11 @@
 """Transplant test: does the demos' fast-weight contribution, as one vector, do the task without demos?
 
-Function vectors (Todd et al. 2024), here built from the exact demo part of :mod:`icl_circuits.fast_weights`:
+Function vectors (Todd et al. 2024), here built from the exact demo part of :mod:`icl_circuits.fast_weights.decompose`:
 
 1. **Split the inputs.** The task's inputs with a fixed answer are split at random (seeded) into two
    folds. For fold ``F`` the *extraction* prompts are ``shots``-shot prompts whose query is in ``F``;
    the *test* prompts are the zero-shot prompts (``<bos> x ->``) of the other fold: held-out queries.
-2. **Extract.** ``v = sum over heads of mean_b c_D`` (:func:`~icl_circuits.fast_weights.task_vector`),
+2. **Extract.** ``v = sum over heads of mean_b c_D`` (:func:`~icl_circuits.fast_weights.decompose.task_vector`),
    at the answer position of the extraction prompts; heads: the given ones, or (``"auto"``) the
    ``n_heads`` heads whose demo part gives the answer the largest logit-lens logit on these prompts.
 3. **Transplant.** ``v`` is added (scale 1, no tuning) to the residual stream at the last position of
@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from icl_circuits import fast_weights as fw
 from icl_circuits.errors import InputError, TaskError
-from icl_circuits.prompt_roles import render_examples
+from icl_circuits.fast_weights import decompose as fw
+from icl_circuits.tasks.roles import render_examples
 
 
 def hook_name(model: Any, layer: int) -> str:
@@ -323,7 +323,7 @@ class TransplantResult:
 
 def _fixed_inputs(task: Any) -> list[str]:
     """Inputs of ``task`` that have a fixed answer (``task.lookup``), in a stable order."""
-    from icl_circuits import corpus
+    from icl_circuits.tasks import corpus
 
     pool = [p.input for p in task.pairs] if hasattr(task, "pairs") else list(corpus.LETTERS)
     inputs = [x for x in pool if task.lookup(x) is not None]
@@ -337,7 +337,7 @@ def _fixed_inputs(task: Any) -> list[str]:
 
 def derange_labels(example: Any, rng: np.random.Generator) -> Any:
     """The example with its demo labels permuted so that no demo keeps its own label (needs >= 2 demos)."""
-    from icl_circuits.tasks import FewShot, Pair
+    from icl_circuits.tasks.registry import FewShot, Pair
 
     n = example.n_shots
     if n < 2:
@@ -352,7 +352,7 @@ def derange_labels(example: Any, rng: np.random.Generator) -> Any:
 
 def _extraction_examples(task: Any, shots: int, fold: Sequence[str], n: int, rng: np.random.Generator) -> list[Any]:
     """``n`` clean ``shots``-shot examples whose demos and query are distinct inputs of ``fold``."""
-    from icl_circuits.tasks import FewShot, Pair
+    from icl_circuits.tasks.registry import FewShot, Pair
 
     if len(fold) < shots + 1:
         raise TaskError(f"task {task.name!r}: a fold has {len(fold)} inputs with a fixed answer, {shots}-shot "
@@ -385,8 +385,8 @@ def transplant_test(
         InputError: bad heads or layers.
     """
     from icl_circuits.models import model_info
-    from icl_circuits.prompts import check_task
-    from icl_circuits.tasks import FewShot, Pair, get_task
+    from icl_circuits.tasks.prompts import check_task
+    from icl_circuits.tasks.registry import FewShot, Pair, get_task
 
     if isinstance(task, str):
         task = get_task(task, model)

@@ -1,6 +1,6 @@
 """Attribution patching (AtP) and AtP* for attention heads: all heads x positions from gradients.
 
-AtP (Nanda 2022) replaces each exact patch of :mod:`icl_circuits.patching` by its first-order
+AtP (Nanda 2022) replaces each exact patch of :mod:`icl_circuits.patching.exact` by its first-order
 Taylor estimate around the base run. With ``M = sum_b LD_b`` (each example's logit difference
 depends only on its own row, so one backward gives every example's gradient)::
 
@@ -10,7 +10,7 @@ depends only on its own row, so one backward gives every example's gradient)::
 ``tools.analysis.attribution_patch`` convention (``(a_clean - a_corrupt) . g_corrupt``; the
 ``z`` per-position estimates equal its ``attn_head_out`` node scores, tested). ``"noising"``:
 base = clean, source = corrupted. An estimate of the patched logit difference is
-``LD_base + change``, normalised exactly as exact patching (:class:`~icl_circuits.patching.PatchEffects`).
+``LD_base + change``, normalised exactly as exact patching (:class:`~icl_circuits.patching.exact.PatchEffects`).
 
 AtP* (Kramár, Lieberum, Shah & Nanda 2024, arXiv:2403.00745) adds two fixes:
 
@@ -52,8 +52,8 @@ import torch
 from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
-from icl_circuits.patching import Direction, PatchEffects, check_inputs
-from icl_circuits.resume import answer_direction, fused_activations
+from icl_circuits.patching.exact import Direction, PatchEffects, check_inputs
+from icl_circuits.patching.resume import answer_direction, fused_activations
 
 HEAD_ACTIVATIONS = ("z", "q", "k", "v", "pattern")
 ESTIMATORS = ("atp", "atp_qk", "atp_star")
@@ -420,10 +420,10 @@ def attribution_patch(
 ) -> AtPResult:
     """AtP, AtP with the QK fix and AtP* (GradDrop) estimates for every head of ``activation``.
 
-    Arguments as :func:`icl_circuits.patching.activation_patch` (same grid: ``(layer, head)``, or
+    Arguments as :func:`icl_circuits.patching.exact.activation_patch` (same grid: ``(layer, head)``, or
     ``(layer, pos, head)`` with ``per_position``; ``k``/``v`` per key/value head); ``activation`` is
     one of ``z``, ``q``, ``k``, ``v``, ``pattern``. ``graddrop=False`` skips the ``L`` extra backwards;
-    ``fast_activations`` as in :func:`~icl_circuits.patching.activation_patch`.
+    ``fast_activations`` as in :func:`~icl_circuits.patching.exact.activation_patch`.
 
     Raises:
         InputError: malformed inputs, or (QK fix) attention that is not ``softmax(q.k/sqrt(d)) @ v``.

@@ -1,10 +1,10 @@
 """The ``icl-circuits fast-weights`` job: decomposition, transplant and predictions on one task, as JSON + HTML.
 
 ``run_fast_weights(model, task, shots)`` draws ``n_prompts`` prompts of the task (seeded), decomposes
-every head (or the given heads) with :mod:`icl_circuits.fast_weights`, picks the ``n_top`` heads
+every head (or the given heads) with :mod:`icl_circuits.fast_weights.decompose`, picks the ``n_top`` heads
 whose demo part gives the answer the largest logit-lens logit (``heads="auto"``), then runs the
-transplant test (:mod:`icl_circuits.transplant`; only for tasks with a fixed input -> output map) and
-the predictions (:mod:`icl_circuits.fast_weight_predictions`) on those heads.
+transplant test (:mod:`icl_circuits.fast_weights.transplant`; only for tasks with a fixed input -> output map) and
+the predictions (:mod:`icl_circuits.fast_weights.predictions`) on those heads.
 :func:`write_fast_weights` writes ``fast_weights.json`` and a self-contained ``fast_weights.html``.
 
 JSON: ``{"model", "task", "shots", "heads": [{"layer", "head", "effective_rank", "singular_values",
@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from icl_circuits import fast_weights as fw
 from icl_circuits.errors import TaskError
-from icl_circuits.fast_weight_predictions import Predictions, measure_predictions
-from icl_circuits.prompt_roles import render_examples
-from icl_circuits.transplant import TransplantResult, transplant_test
+from icl_circuits.fast_weights import decompose as fw
+from icl_circuits.fast_weights.predictions import Predictions, measure_predictions
+from icl_circuits.fast_weights.transplant import TransplantResult, transplant_test
+from icl_circuits.tasks.roles import render_examples
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,8 @@ def run_fast_weights(
     Raises:
         TaskError: unknown task, bad shots; InputError: bad heads.
     """
-    from icl_circuits.prompts import check_task
-    from icl_circuits.tasks import get_task
+    from icl_circuits.tasks.prompts import check_task
+    from icl_circuits.tasks.registry import get_task
 
     t = get_task(task, model)
     checked = check_task(model, t)

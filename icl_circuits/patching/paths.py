@@ -2,7 +2,7 @@
 
 Setting (Wang et al. 2022, "Interpretability in the Wild", §3.1 and App. B; Goldowsky-Dill et al. 2023,
 "Localizing Model Behavior with Path Patching"). Clean and corrupted prompts, ``LD = logit[answer] -
-logit[contrast]`` at the answer position, base and source runs as in :mod:`icl_circuits.patching`
+logit[contrast]`` at the answer position, base and source runs as in :mod:`icl_circuits.patching.exact`
 (``"denoising"``: base = corrupted, source = clean; ``"noising"``: base = clean, source = corrupted).
 For a **sender** head ``s = (l, h)`` and **receivers** ``R`` (heads, each read at its query, key or
 value input ``X``), the path ``s -> X(R)`` is patched in two runs on the base tokens:
@@ -23,15 +23,16 @@ Grid: ``("layer", "head")`` over the senders in layers ``0 .. max receiver layer
 send to later layers; the grid has no rows for layers that cannot send). A sender feeds the receivers
 in layers above its own; receivers in its own or earlier layers keep their base input. Cells left out by
 ``senders=`` (and senders whose source output equals the base output) hold the base run's ``LD``, i.e.
-no effect. Values are normalised as in :class:`~icl_circuits.patching.PatchEffects` (``method="path"``).
+no effect. Values are normalised as in :class:`~icl_circuits.patching.exact.PatchEffects` (``method="path"``).
 Every position of a receiver's input is patched (path patching over all positions).
 
 Grouped-query models: the key and value of a receiver are those of a **key/value head** (index below
-``n_key_value_heads``, shared by the query heads of its group), as in :func:`~icl_circuits.patching.activation_patch`.
+``n_key_value_heads``, shared by the query heads of its group), as in
+:func:`~icl_circuits.patching.exact.activation_patch`.
 
 Cost: the senders of one layer share a tiled forward (one copy of the batch per sender, at most
 ``max_rows`` sequences): run 1 goes from the sender's layer up to the deepest receiver's input, run 2 from
-the first receiver's layer to the answer (both resumed from cached residuals, :mod:`icl_circuits.resume`).
+the first receiver's layer to the answer (both resumed from cached residuals, :mod:`icl_circuits.patching.resume`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
-from icl_circuits.patching import Direction, PatchEffects, check_inputs
-from icl_circuits.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.patching.exact import Direction, PatchEffects, check_inputs
+from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
 
 RECEIVER_INPUTS = ("q", "k", "v")
 ReceiverInput = Literal["q", "k", "v"]
@@ -106,10 +107,11 @@ def path_patch(
         answer_positions: ``[batch]`` where the answer is read; default the last position.
         freeze_mlps: also freeze every MLP output in run 1 (only the direct residual path remains).
         max_rows: most sequences in one tiled forward (senders x batch).
-        fast_activations: fused tanh-GELU, as in :func:`~icl_circuits.patching.activation_patch`.
+        fast_activations: fused tanh-GELU, as in
+:func:`~icl_circuits.patching.exact.activation_patch`.
 
     Returns:
-        :class:`~icl_circuits.patching.PatchEffects` with grid ``("layer", "head")`` of shape
+        :class:`~icl_circuits.patching.exact.PatchEffects` with grid ``("layer", "head")`` of shape
         ``[max receiver layer, n_heads, batch]``, ``method="path"``.
 
     Raises:

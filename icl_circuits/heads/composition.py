@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from icl_circuits.errors import InputError
-from icl_circuits.heads import ordinary_token_ids
+from icl_circuits.heads.scores import ordinary_token_ids
 
 MODES = ("Q", "K", "V")
 

@@ -1,7 +1,7 @@
 """The fast-weight account's predictions, measured: repeating demos, noisy demos, demo order.
 
 If the demos act as a temporary weight ``dW = sum_s u_s k~_s^T / sqrt(d_head)`` (see
-:mod:`icl_circuits.fast_weights`), then
+:mod:`icl_circuits.fast_weights.decompose`), then
 
 1. **repetition** (the demo block written ``r`` times): the linear dual form grows like ``r``
    (``|dW_lin|_F`` is a sum over demo tokens); softmax normalises, so the demo part ``c_D`` of a
@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from icl_circuits import fast_weights as fw
 from icl_circuits.errors import PromptTooLongError, TaskError
-from icl_circuits.prompt_roles import render_examples
-from icl_circuits.transplant import logits_with_vector
+from icl_circuits.fast_weights import decompose as fw
+from icl_circuits.fast_weights.transplant import logits_with_vector
+from icl_circuits.tasks.roles import render_examples
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,8 @@ def measure_predictions(
         TaskError: ``shots < 2`` (order and noise need several demos), unknown task.
     """
     from icl_circuits.models import model_info
-    from icl_circuits.prompts import check_task, flip_labels, permute_demos, repeat_demos
-    from icl_circuits.tasks import FewShot, get_task
+    from icl_circuits.tasks.prompts import check_task, flip_labels, permute_demos, repeat_demos
+    from icl_circuits.tasks.registry import FewShot, get_task
 
     if isinstance(task, str):
         task = get_task(task, model)

@@ -1,7 +1,7 @@
 """The head scan: which heads do in-context learning, by the standard measures, with roles and the circuit.
 
 :func:`scan_heads` measures every head (layer, head) of a model on repeated random tokens and
-weights (see :mod:`icl_circuits.heads` and :mod:`icl_circuits.composition` for the definitions,
+weights (see :mod:`icl_circuits.heads.scores` and :mod:`icl_circuits.heads.composition` for the definitions,
 signs and costs), classifies heads into roles with the documented :class:`RoleThresholds`, and names
 the circuit: which earlier heads feed each induction head, read two ways -- K-composition of the
 weights (Elhage et al.; direct path only) and the induction score the head loses when each earlier
@@ -9,7 +9,7 @@ head is mean-ablated (every path, e.g. a previous-token signal routed through th
 Example::
 
     from icl_circuits import load_model
-    from icl_circuits.head_scan import scan_heads
+    from icl_circuits.heads.scan import scan_heads
     model = load_model("fixture:induction-2l")
     scan = scan_heads(model, seq_len=20, batch=16, seed=0)
     scan.to_dataframe().head()          # one row per head, ranked by induction score
@@ -17,8 +17,8 @@ Example::
     figs = scan.plot()                  # {"induction": Figure, ...}: layer x head heatmaps
     html = scan.attention_html(model)   # circuitsvis view of the top heads on one example
 
-:func:`save_head_scan` writes ``head_scan.json`` (the schema other scripts read) and the offline
-``head_scan.html`` report.
+:func:`icl_circuits.heads.report.save_head_scan` writes ``head_scan.json`` (the schema other scripts
+read) and the offline ``head_scan.html`` report.
 
 Cost: two forwards of ``batch`` sequences for the attention scores, one ``|vocab| x d_model^2``
 product for copying, ``(L H)^2 d_head^2 d_model / 2`` multiply-adds per composition mode, and, with
@@ -29,16 +29,14 @@ ablation reading of the circuit).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from icl_circuits import composition as comp
-from icl_circuits import heads as hd
 from icl_circuits.errors import InputError
+from icl_circuits.heads import composition as comp
+from icl_circuits.heads import scores as hd
 from icl_circuits.io import generator
 from icl_circuits.models import model_info
 
@@ -479,24 +477,3 @@ def scan_heads(
         tokens=tokens,
         thresholds=thresholds or RoleThresholds(),
     )
-
-
-def save_head_scan(scan: HeadScan, model: Any, out_dir: str | os.PathLike[str], **args: Any) -> tuple[Path, Path]:
-    """Write ``out_dir/head_scan.json`` and the offline report ``out_dir/head_scan.html``; returns both paths.
-
-    ``args`` are recorded in the provenance block (with the scan's own settings).
-    """
-    from icl_circuits.head_report import head_scan_sections
-    from icl_circuits.io import atomic_write_json, provenance
-    from icl_circuits.report import write_report
-
-    out = Path(out_dir)
-    prov = provenance(
-        model, scan.seed, seq_len=scan.seq_len, batch=scan.batch, prefix_repeats=scan.prefix_repeats,
-        ablation="ablation" in scan.scores, **args,
-    )
-    doc = scan.to_json_dict()
-    doc["provenance"] = prov
-    json_path = atomic_write_json(out / "head_scan.json", doc)
-    html_path = write_report(out / "head_scan.html", f"Head scan: {scan.model}", head_scan_sections(scan, model), prov)
-    return json_path, html_path

@@ -15,7 +15,7 @@ Each term is read two ways:
 * ``norm [head, batch, pos]``: ``||A[t, s] v_s W_O||`` (Kobayashi et al. 2020, "Attention is Not Only a
   Weight"): how much the position moves, metric-free.
 
-:class:`~icl_circuits.prompt_roles.PromptRoles` then groups positions by demonstration (``by_demo``)
+:class:`~icl_circuits.tasks.roles.PromptRoles` then groups positions by demonstration (``by_demo``)
 and by token role (``by_role``: key, arrow, label, separator, query, template).
 
 Cost: one forward with a cache of the chosen layers' patterns and values.
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from icl_circuits.errors import InputError
-from icl_circuits.prompt_roles import ROLE_NAMES, PromptRoles
-from icl_circuits.resume import answer_direction
+from icl_circuits.patching.resume import answer_direction
+from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles
 
 KINDS = ("dla", "norm")
 
@@ -65,7 +65,7 @@ class DemoAttribution:
         return torch.einsum("hbp,bpd->hd", vals, onehot) / vals.shape[1]
 
     def by_role(self, kind: str = "dla") -> torch.Tensor:
-        """``[head, role]`` over :data:`~icl_circuits.prompt_roles.ROLE_NAMES`, mean over the batch."""
+        """``[head, role]`` over :data:`~icl_circuits.tasks.roles.ROLE_NAMES`, mean over the batch."""
         vals, roles = self._values(kind), self.roles.roles
         onehot = (roles[..., None] == torch.arange(len(ROLE_NAMES))).to(vals.dtype)
         return torch.einsum("hbp,bpr->hr", vals, onehot) / vals.shape[1]

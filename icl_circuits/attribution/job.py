@@ -1,19 +1,19 @@
 """Attribution of few-shot predictions: one job that runs the patching family on a task and reports it.
 
-:func:`attribute` draws clean/corrupted few-shot pairs of a task (:func:`icl_circuits.pairs.patching_batch`)
+:func:`attribute` draws clean/corrupted few-shot pairs of a task (:func:`icl_circuits.tasks.pairs.patching_batch`)
 and measures, on the same batch:
 
-* head outputs by exact activation patching (:mod:`icl_circuits.patching`), AtP and AtP*
-  (:mod:`icl_circuits.atp`), with their Pearson/Spearman agreement when both are computed;
+* head outputs by exact activation patching (:mod:`icl_circuits.patching.exact`), AtP and AtP*
+  (:mod:`icl_circuits.patching.atp`), with their Pearson/Spearman agreement when both are computed;
 * the residual stream by layer x position (exact patching), so the positions that carry the task show;
-* per-demo attribution of the top heads (:mod:`icl_circuits.demo_attribution`);
-* path patching into the top induction head's query/key/value (:mod:`icl_circuits.path_patching`);
+* per-demo attribution of the top heads (:mod:`icl_circuits.attribution.demos`);
+* path patching into the top induction head's query/key/value (:mod:`icl_circuits.patching.paths`);
 * the head scan's induction heads (attention metrics on repeated random tokens) and, on request,
-  function-vector heads (:mod:`icl_circuits.function_vectors`), with their overlap with the top heads.
+  function-vector heads (:mod:`icl_circuits.attribution.function_vectors`), with their overlap with the top heads.
 
 The metric is the logit difference ``LD = logit[answer] - logit[contrast]`` at the answer position,
 normalised per batch so the corrupted run is 0 and the clean run 1 (``direction="denoising"``: how
-much of the clean behaviour a patch restores) -- see :mod:`icl_circuits.patching`.
+much of the clean behaviour a patch restores) -- see :mod:`icl_circuits.patching.exact`.
 :func:`write_attribution` writes ``attribution.json`` (enough to recompute every number
 independently: the token ids and answers are in it) and a self-contained ``attribution.html``.
 """
@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
-from icl_circuits.atp import AtPResult, attribution_patch
-from icl_circuits.demo_attribution import DemoAttribution, demo_attribution
+from icl_circuits.attribution.demos import DemoAttribution, demo_attribution
 from icl_circuits.errors import InputError
-from icl_circuits.pairs import PatchingBatch, patching_batch
-from icl_circuits.patching import Direction, PatchEffects, activation_patch
-from icl_circuits.prompt_roles import ROLE_NAMES, PromptRoles
-from icl_circuits.tasks import Task
+from icl_circuits.patching.atp import AtPResult, attribution_patch
+from icl_circuits.patching.exact import Direction, PatchEffects, activation_patch
+from icl_circuits.tasks.pairs import PatchingBatch, patching_batch
+from icl_circuits.tasks.registry import Task
+from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles
 
 METHODS = ("patching", "atp", "atp*")
 METHOD_CHOICES = (*METHODS, "all")
@@ -211,7 +211,7 @@ def attribute(
 
     Args:
         method: ``patching`` (exact), ``atp``, ``atp*`` or ``all`` (the three, plus their correlations).
-        corruption: how the demos are corrupted (:data:`icl_circuits.pairs.CORRUPTIONS`).
+        corruption: how the demos are corrupted (:data:`icl_circuits.tasks.pairs.CORRUPTIONS`).
         positions: also patch the residual stream per layer and position (exact; ``L * pos`` patches).
         top_k: heads decomposed by demo and shown in attention views.
         paths: path-patch every earlier head into the top induction head's (else top head's) q, k and v.
@@ -220,7 +220,7 @@ def attribute(
     Raises:
         InputError: unknown method; TaskError / TokenizationError from the pairs.
     """
-    from icl_circuits.head_scan import scan_heads, token_labels
+    from icl_circuits.heads.scan import scan_heads, token_labels
     from icl_circuits.models import model_info
 
     if method not in METHOD_CHOICES:
@@ -260,19 +260,19 @@ def attribute(
                                           roles)  # fmt: skip
     receiver = next((h for h in att.induction_heads if h[0] > 0), None) or next((h for h in top if h[0] > 0), None)
     if paths and receiver is not None:
-        from icl_circuits.path_patching import path_patch
+        from icl_circuits.patching.paths import path_patch
 
         extra["paths"] = {x: path_patch(*args, [receiver], x, **kw) for x in ("q", "k", "v")}
         extra["path_receiver"] = receiver
     if function_vectors:
-        from icl_circuits.function_vectors import function_vector_heads
+        from icl_circuits.attribution.function_vectors import function_vector_heads
 
         extra["function_vectors"] = function_vector_heads(model, [task], n_shots=n_shots, n=n, seed=seed)
     return replace(att, **extra)
 
 
 def _template(model: Any, task: Task) -> Any:
-    from icl_circuits.prompts import check_task
+    from icl_circuits.tasks.prompts import check_task
 
     return check_task(model, task).template
 
@@ -281,8 +281,8 @@ def _roles(model: Any, batch: PatchingBatch, template: Any) -> PromptRoles | Non
     """Token roles of the clean prompts, or ``None`` when the template's arrow or separator is not one
     token in running text (then no per-demo grouping)."""
     from icl_circuits.errors import TokenizationError
-    from icl_circuits.prompt_roles import roles_from_tokens
-    from icl_circuits.prompts import continuation_ids, encode
+    from icl_circuits.tasks.prompts import continuation_ids, encode
+    from icl_circuits.tasks.roles import roles_from_tokens
 
     try:
         arrow = continuation_ids(model, "x", template.io_sep.rstrip())

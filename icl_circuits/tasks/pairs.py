@@ -12,7 +12,7 @@ Corruptions (:data:`CORRUPTIONS`), each changing only the demos, never the query
 
 The **contrast** token is the corrupted prompt's answer where it has one -- the query's label
 among the corrupted demos (``bound``-style tasks), or the other task's label of the query -- else
-the clean prompt's contrast (see :mod:`icl_circuits.prompts`). Pair by pair the two token
+the clean prompt's contrast (see :mod:`icl_circuits.tasks.prompts`). Pair by pair the two token
 sequences have equal length and differ only at ``changeable`` positions; otherwise
 :class:`~icl_circuits.errors.TokenizationError`.
 """
@@ -29,7 +29,7 @@ import torch
 
 from icl_circuits.errors import TaskError, TokenizationError
 from icl_circuits.models import require_tokenizer
-from icl_circuits.prompts import (
+from icl_circuits.tasks.prompts import (
     CheckedTask,
     check_length,
     check_task,
@@ -39,7 +39,7 @@ from icl_circuits.prompts import (
     pad_token_id,
     render_prompt,
 )
-from icl_circuits.tasks import FewShot, FixtureTask, Pair, Task, Template
+from icl_circuits.tasks.registry import FewShot, FixtureTask, Pair, Task, Template
 
 CORRUPTIONS = ("shuffled_labels", "other_task_labels", "filler")
 
@@ -205,7 +205,7 @@ def patching_batch(
 
     An example the corruption leaves unchanged (e.g. all demo labels equal) is re-drawn, at most
     ``max_tries`` times in a row. Examples come from ``default_rng(seed)`` as in
-    :func:`~icl_circuits.prompts.build_prompts`, so the clean prompts are those it would draw
+    :func:`~icl_circuits.tasks.prompts.build_prompts`, so the clean prompts are those it would draw
     (up to re-draws); the corruption's randomness from ``default_rng([seed, 1])``.
 
     Raises:

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from icl_circuits.errors import ICLCircuitsError, InputError
-from icl_circuits.prompt_roles import ROLE_NAMES, PromptRoles, roles_from_prompts, roles_from_tokens
+from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles, roles_from_prompts, roles_from_tokens
 
 __all__ = [
     "ROLE_NAMES", "Decomposition", "FastWeights", "PromptRoles", "decompose", "effective_rank", "logit_lens",

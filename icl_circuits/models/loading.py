@@ -39,7 +39,7 @@ _INFO_ATTR = "icl_circuits_info"
 def fixtures_dir() -> Path:
     """The fixture folder: ``$ICL_CIRCUITS_FIXTURES`` or ``fixtures/`` beside the package."""
     env = os.environ.get("ICL_CIRCUITS_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "fixtures"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "fixtures"
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _placeholder_tokenizer(vocab_size: int, bos_id: int = 1, eos_id: int = 2):  
 
 
 def _load_llama2c(path: Path, spec: str, tokenizer: str | None, device: str, dtype: torch.dtype) -> Any:
-    from icl_circuits import llama2c
+    from icl_circuits.models import llama2c
 
     hf_model = llama2c.to_hf_llama(path)
     vocab_size = hf_model.config.vocab_size

@@ -1,6 +1,6 @@
 """Resume a forward at block ``l``: run blocks ``l..L-1`` on a given residual, read one logit difference.
 
-The exact-patching sweep (:mod:`icl_circuits.patching`) leaves everything below the patched layer
+The exact-patching sweep (:mod:`icl_circuits.patching.exact`) leaves everything below the patched layer
 untouched, so it caches one unpatched run and starts every patched run at the patched block. The
 TransformerBridge's own ``start_at_layer`` does not help: in TransformerLens 4.3 it feeds the
 residual in as ``inputs_embeds`` and still executes blocks ``0..l-1`` (their output is discarded),

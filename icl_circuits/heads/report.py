@@ -1,19 +1,22 @@
 """The sections of the head-scan HTML report (heatmaps, ranked table, circuit, attention views).
 
-Pure: a :class:`~icl_circuits.head_scan.HeadScan` (and the model, for the attention views) in, a
-list of :class:`~icl_circuits.report.Section` out; :func:`icl_circuits.head_scan.save_head_scan`
-writes the page. The only model work is one forward of one example for the attention views.
+Pure: a :class:`~icl_circuits.heads.scan.HeadScan` (and the model, for the attention views) in, a
+list of :class:`~icl_circuits.report.Section` out; :func:`save_head_scan`
+writes the page and the JSON beside it. The only model work is one forward of one example for the attention views.
 """
 
 from __future__ import annotations
 
 import html
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from icl_circuits.report import Section, figure_html, table_html
+from icl_circuits.io import atomic_write_json, provenance
+from icl_circuits.report import Section, figure_html, table_html, write_report
 
 if TYPE_CHECKING:
-    from icl_circuits.head_scan import HeadScan
+    from icl_circuits.heads.scan import HeadScan
 
 
 def _grid(figs: list[Any]) -> str:
@@ -103,3 +106,21 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
         "attends one position back. Heads: " + ", ".join(f"L{l}H{h}" for l, h in top) + ".",
     )
     return [summary, heat, ranked, circuit, views]
+
+
+def save_head_scan(scan: HeadScan, model: Any, out_dir: str | os.PathLike[str], **args: Any) -> tuple[Path, Path]:
+    """Write ``out_dir/head_scan.json`` and the offline report ``out_dir/head_scan.html``; returns both paths.
+
+    ``args`` are recorded in the provenance block (with the scan's own settings).
+    """
+
+    out = Path(out_dir)
+    prov = provenance(
+        model, scan.seed, seq_len=scan.seq_len, batch=scan.batch, prefix_repeats=scan.prefix_repeats,
+        ablation="ablation" in scan.scores, **args,
+    )
+    doc = scan.to_json_dict()
+    doc["provenance"] = prov
+    json_path = atomic_write_json(out / "head_scan.json", doc)
+    html_path = write_report(out / "head_scan.html", f"Head scan: {scan.model}", head_scan_sections(scan, model), prov)
+    return json_path, html_path

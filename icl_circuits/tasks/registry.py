@@ -7,7 +7,7 @@ Two kinds satisfy it:
   (plain JSON ``[{"input": ..., "output": ...}, ...]``, inputs distinct). Demos and the query are
   distinct pairs drawn without replacement, so the query's input is never among the demos.
 * :class:`FixtureTask` -- the corpus families the fixture models are trained on
-  (:mod:`icl_circuits.corpus`): ``recorded`` (fixed permutations; query not among the demos),
+  (:mod:`icl_circuits.tasks.corpus`): ``recorded`` (fixed permutations; query not among the demos),
   ``bound`` (a fresh random binding per prompt; query key among the demos) and ``rule``
   (shift-by-s; query not among the demos; shifts outside ``train_shifts`` are unseen tasks).
 
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from icl_circuits import corpus
 from icl_circuits.errors import TaskError
+from icl_circuits.tasks import corpus
 
 SUBSTITUTED_SUFFIX = ":substituted"
 #: Default symbols for substituted labels: never labels in the fixture corpus, single tokens in most vocabularies.
@@ -44,7 +44,7 @@ DEFAULT_SYMBOLS: tuple[str, ...] = corpus.UPPER + corpus.DIGITS
 def tasks_dir() -> Path:
     """The task-file folder: ``$ICL_CIRCUITS_TASKS`` or ``fixtures/tasks/`` beside the package."""
     env = os.environ.get("ICL_CIRCUITS_TASKS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "fixtures" / "tasks"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "fixtures" / "tasks"
 
 
 @dataclass(frozen=True)

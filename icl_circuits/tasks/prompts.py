@@ -11,7 +11,7 @@
 * The **contrast** label of a prompt is the latest demo label whose first token differs from the
   answer's; with no such demo, the next label of the task (in sorted order) after the answer.
 
-Clean/corrupted pairs for patching are in :mod:`icl_circuits.pairs`.
+Clean/corrupted pairs for patching are in :mod:`icl_circuits.tasks.pairs`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from icl_circuits.errors import PromptTooLongError, TaskError, TokenizationError
 from icl_circuits.models import model_info, require_tokenizer
-from icl_circuits.tasks import FewShot, Pair, SubstitutedTask, Task, Template
+from icl_circuits.tasks.registry import FewShot, Pair, SubstitutedTask, Task, Template
 
 # ---------------------------------------------------------------- tokenization
 
@@ -265,7 +265,7 @@ def build_prompts(
         permute: shuffle the demo order (after drawing; the pairs are kept).
         repeat: repeat the demo block this many times.
         substitute: replace labels by arbitrary symbols (``True``: the default symbols, or a list);
-            see :class:`~icl_circuits.tasks.SubstitutedTask`.
+            see :class:`~icl_circuits.tasks.registry.SubstitutedTask`.
 
     Raises:
         TaskError: bad ``n``/``n_shots``, more shots than pairs, too few pairs after tokenization.

@@ -1,0 +1,29 @@
+"""Getting a model: ``load_model(spec)`` -> a TransformerBridge in compatibility mode.
+
+``loading`` parses specs (fixtures, Hugging Face folders, hub names) and wraps them; ``llama2c``
+reads llama2.c checkpoints and tokenizers into Hugging Face Llama weights.
+"""
+
+from icl_circuits.models.loading import (
+    DEFAULT_MODEL,
+    FIXTURE_PREFIX,
+    ModelInfo,
+    describe_fixture,
+    fixtures_dir,
+    list_fixtures,
+    load_model,
+    model_info,
+    require_tokenizer,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "FIXTURE_PREFIX",
+    "ModelInfo",
+    "describe_fixture",
+    "fixtures_dir",
+    "list_fixtures",
+    "load_model",
+    "model_info",
+    "require_tokenizer",
+]
