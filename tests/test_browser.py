@@ -1,7 +1,7 @@
 """Every kind of HTML report opens in headless Chromium offline, renders its plots and views, logs no JS errors.
 
 Screenshots land in ``out/screenshots/`` for inspection. Chromium comes from Debian's ``chromium``
-package (``.ci/run`` installs it); without it these tests skip with that reason.
+package (``.ci/run`` installs it); without it these tests skip with that reason, and in CI (``CI=true``) fail.
 """
 
 from __future__ import annotations
@@ -14,12 +14,19 @@ import pytest
 import torch
 
 from tests.browser import chromium, render
+from tests.helpers import skip_or_fail_in_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "out" / "screenshots"
 REMOTE_SCRIPT = re.compile(r"<script[^>]+src=[\"']?(https?:)?//", re.IGNORECASE)
 
-pytestmark = pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(autouse=True)
+def _needs_chromium() -> None:
+    if chromium() is None:
+        skip_or_fail_in_ci("chromium is not installed (apt-get install chromium)")
 
 
 def _basic_report(out: Path) -> Path:

@@ -9,6 +9,7 @@ from icl_circuits import ModelSpecError, load_model, model_info
 from icl_circuits.models import list_fixtures
 
 
+@pytest.mark.fixture
 def test_hf_dir_loads_offline_with_hooks(tiny_gpt2, tiny_gpt2_dir):
     toks = tiny_gpt2.to_tokens("w1 w2 w3")
     assert toks.tolist() == [[0, 3, 4, 5]]
@@ -19,6 +20,7 @@ def test_hf_dir_loads_offline_with_hooks(tiny_gpt2, tiny_gpt2_dir):
     assert info.kind == "hf_dir" and info.has_tokenizer and info.spec == str(tiny_gpt2_dir)
 
 
+@pytest.mark.fixture
 def test_hf_dir_matches_transformers_log_probs(tiny_gpt2, tiny_gpt2_dir):
     from transformers import GPT2LMHeadModel
 
@@ -29,22 +31,26 @@ def test_hf_dir_matches_transformers_log_probs(tiny_gpt2, tiny_gpt2_dir):
     assert (ours - theirs).abs().max() < 1e-4
 
 
+@pytest.mark.fixture
 def test_unknown_fixture_names_spec():
     with pytest.raises(ModelSpecError, match="unknown fixture 'fixture:no-such-model'"):
         load_model("fixture:no-such-model")
 
 
+@pytest.mark.fixture
 def test_missing_file_names_spec(tmp_path):
     missing = str(tmp_path / "nope.bin")
     with pytest.raises(ModelSpecError, match="nope.bin.*not found"):
         load_model(missing)
 
 
+@pytest.mark.fixture
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(ModelSpecError, match="tokenizer file"):
         load_model("fixture:icl-tiny", tokenizer=tmp_path / "absent.bin")
 
 
+@pytest.mark.fixture
 def test_hub_name_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = "icl-circuits-test/not-a-cached-model"
@@ -54,10 +60,12 @@ def test_hub_name_offline_is_one_clear_error(monkeypatch):
     assert spec in msg and "hub" in msg and "\n" not in msg
 
 
+@pytest.mark.fixture
 def test_folder_without_config(tmp_path):
     with pytest.raises(ModelSpecError, match="no config.json"):
         load_model(str(tmp_path))
 
 
+@pytest.mark.unit
 def test_list_fixtures_only_lists_model_folders():
     assert all(isinstance(n, str) and ":" not in n for n in list_fixtures())

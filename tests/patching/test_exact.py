@@ -1,4 +1,4 @@
-"""Exact activation patching: the same numbers as TransformerLens's patching functions, batched and resumed."""
+"""Exact activation patching against TransformerLens's patching sweeps; effects, bootstrap, tables."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from icl_circuits import InputError, load_model
+from icl_circuits import InputError
 from icl_circuits.patching.exact import PatchEffects, activation_patch
-from icl_circuits.patching.resume import capture_run
-from tests.patching_models import random_gpt2, random_llama2c
+from tests.patching_models import make_pairs
 
 TL_SWEEPS = {
     ("z", False): tlp.get_act_patch_attn_head_out_all_pos,
@@ -25,30 +24,6 @@ TL_SWEEPS = {
     ("pattern", True): tlp.get_act_patch_attn_head_pattern_by_pos,
     ("resid_pre", True): tlp.get_act_patch_resid_pre,
 }
-
-
-@pytest.fixture(scope="module")
-def gqa(tmp_path_factory):
-    return load_model(str(random_llama2c(tmp_path_factory.mktemp("gqa") / "gqa.bin")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    return load_model(str(random_gpt2(tmp_path_factory.mktemp("gpt2"))), device="cpu")
-
-
-def make_pairs(seed, batch=3, n_pos=9, vocab=40, changed=(2, 5)):
-    """Random clean tokens; corrupted differs at ``changed``; answers/contrasts; ragged answer positions."""
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(3, vocab, (batch, n_pos), generator=g)
-    corrupted = clean.clone()
-    for p in changed:
-        corrupted[:, p] = (clean[:, p] + torch.randint(1, vocab - 3, (batch,), generator=g) - 3) % (vocab - 3) + 3
-    answer = torch.randint(3, vocab, (batch,), generator=g)
-    contrast = (answer - 3 + torch.randint(1, vocab - 3, (batch,), generator=g)) % (vocab - 3) + 3
-    positions = torch.full((batch,), n_pos - 1)
-    positions[1:2] = n_pos - 2  # one right-padded example (when batch > 1)
-    return clean, corrupted, answer, contrast, positions
 
 
 def theirs(model, clean, corrupted, answer, contrast, positions, activation, per_position, direction):
@@ -66,6 +41,15 @@ def theirs(model, clean, corrupted, answer, contrast, positions, activation, per
     return values
 
 
+def _effects(direction="denoising", seed=0, batch=6):
+    g = torch.Generator().manual_seed(seed)
+    clean = 2.0 + torch.rand(batch, generator=g)
+    corrupted = -1.0 + torch.rand(batch, generator=g)
+    patched = torch.randn(2, 3, batch, generator=g)
+    return PatchEffects("z", direction, ("layer", "head"), patched, clean, corrupted)
+
+
+@pytest.mark.fixture
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
 @pytest.mark.parametrize("activation,per_position", list(TL_SWEEPS))
 @pytest.mark.parametrize("model_name", ["gpt2", "gqa"])
@@ -82,6 +66,7 @@ def test_same_numbers_as_transformer_lens(request, model_name, activation, per_p
             ours.patched_logit_diff - ours.clean_logit_diff).abs().max() > 1e-3  # fmt: skip
 
 
+@pytest.mark.real_model
 @pytest.mark.shared
 @pytest.mark.parametrize("activation,per_position", [("z", False), ("z", True), ("k", False), ("resid_pre", True)])
 def test_same_numbers_as_transformer_lens_on_aidreams(aidreams, activation, per_position):
@@ -93,33 +78,7 @@ def test_same_numbers_as_transformer_lens_on_aidreams(aidreams, activation, per_
         torch.testing.assert_close(ours.patched_logit_diff, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("model_name", ["gpt2", "gqa"])
-def test_resumed_run_reproduces_the_full_forward_from_every_layer(request, model_name):
-    model = request.getfixturevalue(model_name)
-    for batch in (1, 3):  # batch 1: the captured mask and rotary tables broadcast instead of being tiled
-        clean, _, answer, contrast, positions = make_pairs(3, batch=batch)
-        run = capture_run(model, clean, [], answer, contrast, positions)
-        run.check()
-        assert run.sequential  # the shortcuts are verified and in use on these models
-        for layer in range(model.cfg.n_layers):
-            for kw in ({}, {"shortcut": False}):
-                resumed = run.logit_diff_from(layer, run.resid(layer).repeat(4, 1, 1), **kw)
-                torch.testing.assert_close(resumed, run.logit_diff.repeat(4), atol=1e-5, rtol=1e-5)
-            from_mid = run.logit_diff_from(layer, run.mid_resid(layer).repeat(4, 1, 1), mid=True)
-            torch.testing.assert_close(from_mid, run.logit_diff.repeat(4), atol=1e-5, rtol=1e-5)
-
-
-def test_resume_check_refuses_blocks_it_cannot_reproduce(gqa):
-    clean, _, answer, contrast, positions = make_pairs(4)
-    run = capture_run(gqa, clean, [], answer, contrast, positions)
-    run.check()
-    args, kwargs = run.block_args[-1]
-    cos, sin = kwargs["position_embeddings"]
-    run.block_args[-1] = (args, {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))})
-    with pytest.raises(InputError, match="unsupported for this architecture"):
-        run.check()
-
-
+@pytest.mark.fixture
 def test_inputs_untouched_and_no_hooks_left(gqa):
     clean, corrupted, answer, contrast, positions = make_pairs(5)
     copies = [t.clone() for t in (clean, corrupted, answer, contrast, positions)]
@@ -130,6 +89,7 @@ def test_inputs_untouched_and_no_hooks_left(gqa):
     assert all(not block._forward_pre_hooks for block in gqa.blocks)
 
 
+@pytest.mark.fixture
 def test_bad_inputs_raise_with_the_reason(tiny_gpt2):
     clean, corrupted, answer, contrast, _ = make_pairs(6)
     cases = [
@@ -154,14 +114,7 @@ def test_bad_inputs_raise_with_the_reason(tiny_gpt2):
         tiny_gpt2.eval()
 
 
-def _effects(direction="denoising", seed=0, batch=6):
-    g = torch.Generator().manual_seed(seed)
-    clean = 2.0 + torch.rand(batch, generator=g)
-    corrupted = -1.0 + torch.rand(batch, generator=g)
-    patched = torch.randn(2, 3, batch, generator=g)
-    return PatchEffects("z", direction, ("layer", "head"), patched, clean, corrupted)
-
-
+@pytest.mark.unit
 def test_normalisation_per_example_and_batch():
     e = _effects()
     gap = e.clean_logit_diff - e.corrupted_logit_diff
@@ -178,6 +131,7 @@ def test_normalisation_per_example_and_batch():
     torch.testing.assert_close(same.mean(), torch.zeros(2, 3))
 
 
+@pytest.mark.unit
 def test_bootstrap_matches_a_plain_resampling_loop():
     e = _effects(seed=1)
     low, high = e.bootstrap_ci(confidence=0.9, n_resamples=200, seed=7)
@@ -196,6 +150,7 @@ def test_bootstrap_matches_a_plain_resampling_loop():
     torch.testing.assert_close(hi, torch.full((2, 3), 0.5))
 
 
+@pytest.mark.unit
 def test_dataframe_plot_and_html_show_the_numbers():
     e = _effects(seed=2)
     df = e.to_dataframe()
@@ -208,15 +163,3 @@ def test_dataframe_plot_and_html_show_the_numbers():
     fig = e.plot()
     np.testing.assert_allclose(np.asarray(fig.data[0].z), e.effect().numpy(), rtol=1e-6)
     assert "icl-table" in e._repr_html_()
-
-
-def test_fused_activation_is_the_same_function_and_is_put_back(gpt2):
-    from transformers.activations import NewGELUActivation
-
-    clean, corrupted, answer, contrast, positions = make_pairs(7)
-    kw = {"answer_positions": positions, "progress": False}
-    fused = activation_patch(gpt2, clean, corrupted, answer, contrast, "z", **kw)
-    plain = activation_patch(gpt2, clean, corrupted, answer, contrast, "z", fast_activations=False, **kw)
-    torch.testing.assert_close(fused.patched_logit_diff, plain.patched_logit_diff, atol=1e-5, rtol=1e-5)
-    acts = [m for m in gpt2.modules() if "GELU" in type(m).__name__]
-    assert acts and all(type(m) is NewGELUActivation for m in acts)

@@ -12,6 +12,9 @@ from icl_circuits.models import fixtures_dir
 from icl_circuits.tasks.prompts import build_prompts, pad_right
 from icl_circuits.tasks.registry import Pair, PairTask, Template
 from icl_circuits.tasks.scoring import evaluate, score_prompts, score_tokens
+from tests.helpers import load_fixture
+
+pytestmark = pytest.mark.fixture
 
 # tiny_gpt2's vocabulary is w0..w45: "w0" separates input and output, "w1" the demos.
 WORD_TEMPLATE = Template(io_sep=" w0 ", demo_sep=" w1 ", filler="w2")
@@ -91,11 +94,7 @@ def test_cli_tasks_and_evaluate(tiny_gpt2_dir, tmp_path, capsys, word_task):
 
 @pytest.fixture(scope="module")
 def icl_tiny():
-    if not (fixtures_dir() / "icl-tiny" / "config.json").is_file():
-        pytest.skip("fixtures/icl-tiny is not built (run `make fixtures`)")
-    from icl_circuits import load_model
-
-    return load_model("fixture:icl-tiny", device="cpu")
+    return load_fixture("icl-tiny")
 
 
 def test_fixture_accuracies_through_the_tasks_api(icl_tiny):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,12 +21,14 @@ def _log_softmax_gap(model, path, tokens):
     return (ours - theirs).abs().max().item()
 
 
+@pytest.mark.real_model
 def test_aidreams_matches_reference_forward(aidreams, aidreams_paths):
     ckpt, _ = aidreams_paths
     tokens = [1] + list(range(300, 340)) + [5, 9, 400]
     assert _log_softmax_gap(aidreams, ckpt, tokens) < 1e-4
 
 
+@pytest.mark.real_model
 def test_aidreams_greedy_decoding_reproduces_readme(aidreams):
     ids = [1]
     with torch.no_grad():
@@ -38,6 +39,7 @@ def test_aidreams_greedy_decoding_reproduces_readme(aidreams):
     assert aidreams.tokenizer.decode(ids[1:]).startswith(GREEDY_TEXT)
 
 
+@pytest.mark.real_model
 def test_aidreams_tokenizer_round_trip(aidreams_paths):
     _, tok_path = aidreams_paths
     tok = load_tokenizer(tok_path, 512)
@@ -47,39 +49,29 @@ def test_aidreams_tokenizer_round_trip(aidreams_paths):
     assert ids[:3] == [388, 355, 260]  # ' E' 'cho' 'es': greedy highest-score merges
 
 
-def _random_checkpoint(path, *, dim=32, hidden=48, L=2, n_heads=4, n_kv=2, vocab=40, seq_len=24, shared=False, seed=0):
-    rng = np.random.default_rng(seed)
-    w = {
-        k: rng.normal(0, 0.3, size=s).astype(np.float32)
-        for k, s in ref.shapes(dim, hidden, L, n_heads, n_kv, vocab, seq_len, shared).items()
-    }
-    w["rms_att"] = 1 + 0.1 * w["rms_att"]
-    w["rms_ffn"] = 1 + 0.1 * w["rms_ffn"]
-    w["rms_final"] = 1 + 0.1 * w["rms_final"]
-    ref.write(path, (dim, hidden, L, n_heads, n_kv, vocab if shared else -vocab, seq_len), w)
-    return path
-
-
+@pytest.mark.fixture
 @pytest.mark.parametrize("shared,n_kv", [(False, 2), (True, 1), (False, 4)])
 def test_grouped_query_checkpoint_matches_reference(tmp_path, shared, n_kv):
-    path = _random_checkpoint(tmp_path / "gqa.bin", shared=shared, n_kv=n_kv)
+    path = ref.random_checkpoint(tmp_path / "gqa.bin", shared=shared, n_kv=n_kv)
     model = load_model(str(path), device="cpu")
     assert model.cfg.n_heads == 4
     tokens = [1, 7, 3, 30, 12, 7, 3, 30, 0, 39]
     assert _log_softmax_gap(model, path, tokens) < 1e-4
 
 
+@pytest.mark.fixture
 def test_checkpoint_without_tokenizer_rejects_strings(tmp_path):
     from icl_circuits.models import require_tokenizer
 
-    model = load_model(str(_random_checkpoint(tmp_path / "m.bin")), device="cpu")
+    model = load_model(str(ref.random_checkpoint(tmp_path / "m.bin")), device="cpu")
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 40)
     with pytest.raises(NoTokenizerError, match="m.bin"):
         require_tokenizer(model, "to_tokens")
 
 
+@pytest.mark.fixture
 def test_truncated_checkpoint(tmp_path):
-    path = _random_checkpoint(tmp_path / "t.bin")
+    path = ref.random_checkpoint(tmp_path / "t.bin")
     data = path.read_bytes()
     (tmp_path / "cut.bin").write_bytes(data[:-100])
     with pytest.raises(CheckpointFormatError, match="cut.bin.*truncated"):
@@ -89,8 +81,9 @@ def test_truncated_checkpoint(tmp_path):
         read_header(tmp_path / "tiny.bin")
 
 
+@pytest.mark.fixture
 def test_header_that_disagrees_with_size(tmp_path):
-    path = _random_checkpoint(tmp_path / "h.bin")
+    path = ref.random_checkpoint(tmp_path / "h.bin")
     data = bytearray(path.read_bytes())
     data[8:12] = struct.pack("i", 3)  # n_layers 2 -> 3: the file is now too short for the header
     (tmp_path / "bad.bin").write_bytes(bytes(data))

@@ -1,60 +1,20 @@
-"""The attribution job: per-demo decomposition, the JSON that allows recomputation, the CLI, icl-tiny's circuit."""
+"""The attribute job: its JSON allows recomputation, methods, CLI, on the trained fixtures."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from icl_circuits import InputError, load_model
-from icl_circuits.attribution.demos import demo_attribution
+from icl_circuits import InputError
 from icl_circuits.attribution.job import attribute
-from icl_circuits.models import list_fixtures
-from icl_circuits.tasks.prompts import check_task
 from icl_circuits.tasks.registry import get_task
-from icl_circuits.tasks.roles import ROLE_NAMES, render_examples
+from icl_circuits.tasks.roles import ROLE_NAMES
+from tests.helpers import load_fixture
 
 
-@pytest.fixture(scope="module")
-def ind2l():
-    return load_model("fixture:induction-2l", device="cpu")
-
-
-def _prompts(model, task_name="fixture-bound", shots=4, n=6, seed=0):
-    checked = check_task(model, get_task(task_name, model))
-    rng = np.random.default_rng(seed)
-    examples = [checked.task.draw(rng, shots) for _ in range(n)]
-    return (examples, *render_examples(model, checked, examples))
-
-
-def test_demo_parts_sum_to_transformer_lens_logit_attribution(ind2l):
-    _, tokens, roles, answers, contrasts = _prompts(ind2l)
-    heads = [(0, 1), (1, 0), (1, 1), (1, 3)]
-    da = demo_attribution(ind2l, tokens, answers, contrasts, heads, roles)
-    _, cache = ind2l.run_with_cache(tokens)
-    stack, labels = cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)
-    theirs = cache.logit_attrs(stack, tokens=answers, incorrect_tokens=contrasts, pos_slice=-1)  # [component, batch]
-    for i, (l, h) in enumerate(heads):
-        torch.testing.assert_close(da.head_dla[i], theirs[labels.index(f"L{l}H{h}")].detach(), atol=1e-5, rtol=1e-4)
-    # every position of the prompt belongs to one role: the role sums add up to the head's whole attribution
-    torch.testing.assert_close(da.by_role().sum(-1), da.head_dla.mean(-1), atol=1e-5, rtol=1e-4)
-    assert da.by_demo().shape == (len(heads), 4) and da.by_role().shape == (len(heads), len(ROLE_NAMES))
-    # the norm reading is the size of each moved vector: non-negative, and zero where the head does not attend
-    assert bool((da.norm >= 0).all())
-
-
-def test_demo_attribution_rejects_bad_input(ind2l):
-    _, tokens, roles, answers, contrasts = _prompts(ind2l, n=2)
-    with pytest.raises(InputError, match="outside the model"):
-        demo_attribution(ind2l, tokens, answers, contrasts, [(2, 0)], roles)
-    with pytest.raises(InputError, match=r"\[batch=2\]"):
-        demo_attribution(ind2l, tokens, answers[:1], contrasts, [(1, 1)], roles)
-    with pytest.raises(InputError, match="no heads"):
-        demo_attribution(ind2l, tokens, answers, contrasts, [], roles)
-
-
+@pytest.mark.fixture
 def test_attribution_json_allows_independent_recomputation(ind2l):
     att = attribute(ind2l, get_task("fixture-bound", ind2l), n_shots=5, n=6, seed=3, paths=False, progress=False)
     doc = att.to_json_dict()
@@ -93,6 +53,7 @@ def test_attribution_json_allows_independent_recomputation(ind2l):
     assert "<table" in att._repr_html_()
 
 
+@pytest.mark.fixture
 def test_single_method_and_bad_method(ind2l):
     task = get_task("fixture-bound", ind2l)
     att = attribute(ind2l, task, n_shots=4, n=4, method="atp", positions=True, paths=False, progress=False)
@@ -102,6 +63,7 @@ def test_single_method_and_bad_method(ind2l):
         attribute(ind2l, task, method="ig")
 
 
+@pytest.mark.unit
 def test_cli_writes_json_and_offline_html(tmp_path, capsys):
     from icl_circuits.cli import main
 
@@ -122,9 +84,9 @@ def test_cli_writes_json_and_offline_html(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.skipif("icl-tiny" not in list_fixtures(), reason="fixture:icl-tiny not built (make fixtures)")
+@pytest.mark.fixture
 def test_icl_tiny_top_heads_include_its_induction_heads_and_read_the_matching_demo():
-    model = load_model("fixture:icl-tiny", device="cpu")
+    model = load_fixture("icl-tiny")
     att = attribute(model, get_task("fixture-bound", model), n_shots=8, n=32, method="patching", positions=False,
                     paths=False, progress=False)  # fmt: skip
     ov = att.induction_overlap()
@@ -144,6 +106,7 @@ def test_icl_tiny_top_heads_include_its_induction_heads_and_read_the_matching_de
     assert hits / tokens.shape[0] >= 0.8, hits
 
 
+@pytest.mark.fixture
 def test_atp_star_effects_are_the_normalised_magnitudes(ind2l):
     att = attribute(ind2l, get_task("fixture-bound", ind2l), n_shots=4, n=6, method="atp*", positions=False,
                     paths=False, progress=False)  # fmt: skip

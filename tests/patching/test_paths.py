@@ -10,13 +10,9 @@ import torch
 from icl_circuits import InputError, load_model
 from icl_circuits.heads.scores import ordinary_token_ids, repeated_random_tokens
 from icl_circuits.patching.paths import path_patch
-from tests.patching_models import random_gpt2, random_llama2c
-from tests.test_patching import make_pairs
+from tests.patching_models import make_pairs, random_llama2c
 
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    return load_model(str(random_gpt2(tmp_path_factory.mktemp("gpt2"))), device="cpu")  # 3 layers x 4 heads
+pytestmark = pytest.mark.fixture
 
 
 @pytest.fixture(scope="module")
