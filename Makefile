@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH_CPU ?= torch==2.13.0
 OUT ?= out
 
-.PHONY: install test test-fast lint bench demo fixtures fixtures-check clean
+.PHONY: install test test-fast test-unit lint bench demo fixtures fixtures-check clean
 
 install:
 	@# A CPU machine must not pull a multi-GB CUDA torch: install the pinned CPU build first when
@@ -16,6 +16,9 @@ test:
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow" tests
+
+test-unit:
+	$(PYTHON) -m pytest -q -m unit tests
 
 lint:
 	$(PYTHON) -m ruff check icl_circuits tests fixtures analyses
