@@ -313,3 +313,28 @@ def test_loading_prints_no_weights_bar_and_leaves_bars_on(tiny_gpt2_dir, capfd, 
             hf_logging.disable_progress_bar()
     captured = capfd.readouterr()
     assert "BAR" not in captured.err + captured.out
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_default_threads_is_half_the_cores_or_omp_num_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, want in [(1, 1), (2, 1), (4, 2), (16, 4)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert cli.default_threads() == want
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli.default_threads() == 3
+
+
+def test_importing_the_package_makes_openmp_wait_passively_unless_set(monkeypatch):
+    import importlib
+
+    import icl_circuits
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    importlib.reload(icl_circuits)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    importlib.reload(icl_circuits)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
