@@ -201,7 +201,8 @@ def check_analysis_name(name: str) -> str:
 
 def check_args(args: argparse.Namespace) -> None:
     """The validation layer: check (and normalise in place) every shared argument ``args`` holds, before any
-    model is loaded. ``--out`` becomes a checked folder :class:`~pathlib.Path`; ``--tasks`` a cleaned list.
+    model is loaded. ``--out`` becomes a checked folder :class:`~pathlib.Path`; ``--tasks`` the checked names,
+    comma-joined.
 
     Raises:
         ModelSpecError, InputError, TaskError, OutputError: naming the argument and the bad value.
@@ -284,8 +285,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from icl_circuits.models import list_fixtures
 
     if "icl-tiny" not in list_fixtures():
-        print("The default model fixture:icl-tiny is not built yet: run `make fixtures`.")
-        return 1
+        raise ModelSpecError("the default model fixture:icl-tiny is not built yet: run make fixtures")
     demo = argparse.Namespace(
         model="fixture:icl-tiny", tokenizer=None, device=args.device, seed=args.seed, seq_len=20, batch=16,
         no_ablation=False, out=args.out,
@@ -408,7 +408,7 @@ def _subparser(sub: argparse._SubParsersAction, name: str, help: str, text: str,
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
     p: _Parser = sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}. {text}".strip(),
-                                parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                parents=[common])  # fmt: skip
     p.set_defaults(handler=handler)
     return p
 
@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"icl_circuits {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _subparser(sub, "models", "list the fixture models and the model spec forms", "", _cmd_models)
-    p = _subparser(sub, "demo", "run the head scan on the embedded default model fixture:icl-tiny",
+    p = _subparser(sub, "demo", "the head scan on the default model, fixture:icl-tiny",
                    "Writes head_scan.json and head_scan.html.", _cmd_demo)  # fmt: skip
     add_run_args(p)
     _out_arg(p, "out/demo", "head_scan.json and head_scan.html")
