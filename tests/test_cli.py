@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import icl_circuits.models
@@ -248,6 +248,34 @@ def test_the_seed_parser_returns_the_seed_or_one_line(text):
         return
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and "--seed" in lines[0] and repr(text) in lines[0]
+
+
+VALUES = ["-1", "0", "1", "", " ", "x", "1, x", "0, 1", "fixture:icl-tiny", "icl-tiny", "cuda", "cpu", UNWRITABLE,
+          "fixture-bound", "order", "nope", "--seed", "4294967296"]  # fmt: skip
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(list(COMMANDS)), pairs=st.lists(st.tuples(st.sampled_from(
+    ["--model", "--task", "--tasks", "--seed", "--n", "--shots", "--device", "--out", "--threads", "--heads"]),
+    st.one_of(st.sampled_from(VALUES), st.text(max_size=6))), max_size=4))  # fmt: skip
+def test_any_argument_list_gives_an_exit_code_never_a_traceback(command, pairs, tmp_path, monkeypatch):
+    """Random argument lists: exit 0 (listing), 2 (one line) or 1 (reached the stand-in load_model, which
+    raises); never an uncaught exception, never a file written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(icl_circuits.models, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [command, *COMMANDS[command], *(x for pair in pairs for x in pair)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    lines = err.getvalue().strip().splitlines()
+    assert rc in (0, 1, 2), argv
+    assert "Traceback" not in err.getvalue()
+    if rc == 2:
+        assert len([line for line in lines if not line.startswith("note:")]) == 1, (argv, lines)
+    if rc == 1:
+        assert lines[0].endswith("RuntimeError: x"), (argv, lines)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- atomic writes
