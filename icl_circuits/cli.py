@@ -48,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {_printable(message)} (see: {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------- argparse types (numbers)
@@ -493,8 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _printable(text: str) -> str:
+    """``text`` on one line: control characters (a typed ``\\r``, ``\\n``...) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _one_line(e: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return _printable("; ".join(lines)) or type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import icl_circuits.models
@@ -258,6 +258,8 @@ VALUES = ["-1", "0", "1", "", " ", "x", "1, x", "0, 1", "fixture:icl-tiny", "icl
 @given(command=st.sampled_from(list(COMMANDS)), pairs=st.lists(st.tuples(st.sampled_from(
     ["--model", "--task", "--tasks", "--seed", "--n", "--shots", "--device", "--out", "--threads", "--heads"]),
     st.one_of(st.sampled_from(VALUES), st.text(max_size=6))), max_size=4))  # fmt: skip
+@example(command="models", pairs=[("--model", "\r")])  # found by hypothesis: a typed control character
+@example(command="evaluate", pairs=[("--task", "a\nb")])
 def test_any_argument_list_gives_an_exit_code_never_a_traceback(command, pairs, tmp_path, monkeypatch):
     """Random argument lists: exit 0 (listing), 2 (one line) or 1 (reached the stand-in load_model, which
     raises); never an uncaught exception, never a file written."""
