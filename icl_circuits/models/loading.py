@@ -96,22 +96,26 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence loader chatter (progress bars, compatibility-mode warnings) on stdout/stderr."""
+    """Silence loader chatter (the "Loading weights" bar, compatibility-mode warnings) while loading only.
+
+    The bar is transformers' own tqdm (``core_model_loading``), switched by its progress-bar flag; tqdm
+    reads ``TQDM_DISABLE`` once at import, so setting that variable here would do nothing.
+    """
+    from transformers.utils import logging as hf_logging
+
     logger = logging.getLogger("transformers")
     level = logger.level
     logger.setLevel(logging.ERROR)
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
         logger.setLevel(level)
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _boot(name: str, device: str, dtype: torch.dtype, **kwargs: Any) -> Any:

@@ -79,10 +79,10 @@ def test_cli_tasks_and_evaluate(tiny_gpt2_dir, tmp_path, capsys, word_task):
     path = tmp_path / "words.json"
     path.write_text(json.dumps([{"input": p.input, "output": p.output} for p in word_task.pairs]))
     # a task file uses the default template; tiny_gpt2 maps unknown "->" to <pad>, which is fine here
-    res = tmp_path / "res" / "eval.json"
-    argv = ["evaluate", "--model", str(tiny_gpt2_dir), "--task", str(path), "--shots", "0,1", "--n", "4"]
+    res = tmp_path / "res"
+    argv = ["evaluate", "--model", str(tiny_gpt2_dir), "--task", str(path), "--shots", "0, 1", "--n", "4"]
     assert main([*argv, "--out", str(res)]) == 0
-    saved = json.loads(res.read_text())
+    saved = json.loads((res / "evaluation.json").read_text())
     assert [r["shots"] for r in saved["rows"]] == [0, 1] and saved["provenance"]["args"]["n"] == 4
     assert main(["evaluate", "--model", str(tiny_gpt2_dir), "--task", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
