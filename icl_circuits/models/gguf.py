@@ -154,12 +154,38 @@ def _folder_is_valid(folder: Path, gguf_sha256: str) -> bool:
         return False
 
 
-def _write_hf_folder(path: Path, dest: Path) -> None:
-    """Dequantise ``path`` to float32 and save it with its tokenizer as a Hugging Face folder in ``dest``."""
+def architecture(path: Path) -> str:
+    """The ``general.architecture`` of GGUF file ``path``, after checking that the file is whole.
+
+    Raises:
+        ModelSpecError: the ``gguf`` package is missing, or the file is truncated or malformed.
+    """
     try:
-        import gguf  # noqa: F401 - transformers needs it; a missing package gets its own message
+        from gguf import GGUFReader
     except ImportError as e:
         raise ModelSpecError(f"GGUF file {str(path)!r}: the `gguf` package is not installed (pip install gguf)") from e
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - the reader fails in many ways on a cut or garbled file
+        raise ModelSpecError(
+            f"GGUF file {str(path)!r} ({size:,} bytes) is truncated or malformed: the gguf reader failed with "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ModelSpecError(
+            f"GGUF file {str(path)!r} is truncated: its tensors end at byte {end:,}, the file has {size:,}"
+        )
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ModelSpecError(f"GGUF file {str(path)!r} is malformed: no general.architecture field")
+    return str(field.contents())
+
+
+def _write_hf_folder(path: Path, dest: Path) -> None:
+    """Dequantise ``path`` to float32 and save it with its tokenizer as a Hugging Face folder in ``dest``."""
+    arch = architecture(path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,7 +195,10 @@ def _write_hf_folder(path: Path, dest: Path) -> None:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a truncated file or unknown architecture: one clear error
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelSpecError(f"GGUF file {str(path)!r} could not be read: {type(e).__name__}: {cause}") from e
+        raise ModelSpecError(
+            f"GGUF file {str(path)!r} (architecture {arch!r}) could not be read by transformers' GGUF loader: "
+            f"{type(e).__name__}: {cause}"
+        ) from e
     # transformers refuses to save a GGUF-loaded model; an ordinary model with the same weights saves.
     cfg = loaded.config
     if hasattr(cfg, "quantization_config"):
