@@ -177,6 +177,7 @@ def cli_uses_session_model(smollm2, monkeypatch):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # the scan's composition scores over 270 heads dominate (~290 s on a loaded 2-core machine)
 def test_head_scan_cli_on_smollm2(cli_uses_session_model, tmp_path):
     from icl_circuits.cli import main
 
