@@ -22,9 +22,8 @@ from icl_circuits import cli
 from icl_circuits.cli import build_parser, check_model_spec, main, shot_list
 from icl_circuits.errors import ICLCircuitsError, ModelSpecError, OutputError
 from icl_circuits.io import atomic_write_json, atomic_write_text, check_output_dir
-from icl_circuits.models import list_fixtures
 
-pytestmark = pytest.mark.skipif("icl-tiny" not in list_fixtures(), reason="fixture:icl-tiny not built")
+pytestmark = pytest.mark.unit  # no model loads: load_model is replaced in every test
 
 #: Every subcommand, with the arguments that make it otherwise valid.
 COMMANDS: dict[str, list[str]] = {

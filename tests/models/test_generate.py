@@ -12,6 +12,8 @@ import torch
 
 from icl_circuits import list_fixtures, load_model
 
+pytestmark = pytest.mark.fixture  # real-model tests also carry real_model
+
 GPT2_FIXTURES = [name for name in ("icl-tiny", "induction-2l") if name in list_fixtures()]
 
 

@@ -17,6 +17,8 @@ import torch
 from icl_circuits import ModelSpecError, load_model, model_info
 from icl_circuits.models import gguf as G
 
+pytestmark = pytest.mark.fixture  # real-model tests also carry real_model
+
 SMOLLM2 = G.NAMED_GGUF["smollm2-135m"]
 
 
