@@ -90,6 +90,7 @@ def bench_head_scan(quick: bool = False) -> list[BenchRow]:
     from icl_circuits.heads import scores as hd
     from icl_circuits.heads.scan import scan_heads
     from icl_circuits.io import generator
+    from icl_circuits.patching.ablation import InContextGain, mean_ablation_sweep
 
     model = gpt2_small_random()
     batch, n = 8, 50
@@ -122,18 +123,18 @@ def bench_head_scan(quick: bool = False) -> list[BenchRow]:
     )
     del cache
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(hd.in_context_score(logits, tokens, n))
+    def metric(logits: torch.Tensor) -> torch.Tensor:  # the in-context gain early - late (nats)
+        return torch.tensor(-hd.in_context_score(logits, tokens, n))
 
     t = []
     with _timer(t):
-        ours = hd.mean_ablation_sweep(model, tokens, n, subset, progress=False).loss_effect
+        ours = mean_ablation_sweep(model, tokens, InContextGain(tokens, n), heads=subset).effect
     with _timer(t), torch.no_grad():
         index_df = pd.DataFrame(subset, columns=["layer", "head"])
         theirs = patching.generic_activation_patch(
             model, tokens, mean_cache, metric, patching.layer_head_vector_patch_setter, "z", index_df=index_df
         )
-    clean = hd.in_context_score(model(tokens).detach(), tokens, n)
+    clean = -hd.in_context_score(model(tokens).detach(), tokens, n)
     gap = max(abs(float(ours[l, h]) - (float(theirs[i]) - clean)) for i, (l, h) in enumerate(subset))
     what = f"mean-ablation sweep ({len(subset)} heads)"
     rows.append(BenchRow("head_scan", what, t[0], "generic_activation_patch (z)", t[1],
@@ -321,9 +322,9 @@ def bench_analyses(quick: bool = False) -> list[BenchRow]:
     import pandas as pd
     from transformer_lens import ActivationCache, patching
 
-    from icl_circuits.analyze.ablation import head_ablation_effects
     from icl_circuits.analyze.base import head_logit_attribution
     from icl_circuits.analyze.information_flow import saliency
+    from icl_circuits.patching.ablation import LogitDiff, mean_ablation_sweep
 
     model = gpt2_small_random()
     gen = torch.Generator().manual_seed(0)
@@ -362,7 +363,8 @@ def bench_analyses(quick: bool = False) -> list[BenchRow]:
 
     t = []
     with _timer(t):
-        eff = head_ablation_effects(model, tokens, answers, contrasts, heads=heads, batch_size=batch)
+        ld = LogitDiff(answers, contrasts, torch.full((batch,), tokens.shape[1] - 1))
+        eff = mean_ablation_sweep(model, tokens, ld, heads=heads).effect
     with _timer(t), torch.no_grad():
         index_df = pd.DataFrame(heads, columns=["layer", "head"])
         setter = patching.layer_head_vector_patch_setter

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from icl_circuits.analyze.base import (
     AnalysisMixin,
-    answer_logits,
     change,
     check_positive,
     finite,
@@ -50,7 +49,7 @@ from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.tasks.prompts import CheckedTask, build_prompts, check_task, render_prompt
 from icl_circuits.tasks.registry import FewShot, get_task
-from icl_circuits.tasks.scoring import evaluate
+from icl_circuits.tasks.scoring import answer_logits, evaluate
 
 FIXTURE_TASKS = ("fixture-rule", "fixture-bound")
 FIXTURE_SHOTS = (0, 1, 2, 4, 8, 12)
