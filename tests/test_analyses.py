@@ -14,16 +14,15 @@ import torch
 
 from icl_circuits import InputError, TaskError
 from icl_circuits.analyze import ANALYSES, Analysis, get_analysis, run_analysis, save_analysis
-from icl_circuits.analyze.base import head_logit_attribution, label_log_probs, uses_corpus_vocab
+from icl_circuits.analyze.base import head_logit_attribution, uses_corpus_vocab
 from icl_circuits.analyze.information_flow import flow_masks, flows, saliency
 from icl_circuits.analyze.order import demo_set_queries, fix_mapping, orders
-from icl_circuits.analyze.shots_noise import shrink_coefficient
 from icl_circuits.analyze.unseen_task import classify
 from icl_circuits.models import fixtures_dir
 from icl_circuits.tasks import corpus
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import FixtureTask, Pair, PairTask, Template, get_task
-from icl_circuits.tasks.scoring import answer_logits, score_prompts, scores_from_logits
+from icl_circuits.tasks.scoring import answer_logits, label_log_probs, score_prompts, scores_from_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 WORD_TEMPLATE = Template(io_sep=" w0 ", demo_sep=" w1 ", filler="w2")
@@ -145,14 +144,6 @@ def test_flow_masks_partition_the_causal_pairs():
 
 
 # ---------------------------------------------------------------- pure helpers
-
-
-def test_shrink_coefficient_analytic():
-    g = torch.Generator().manual_seed(0)
-    zero, clean = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
-    assert shrink_coefficient(clean, clean, zero) == pytest.approx(1.0)
-    assert shrink_coefficient(zero, clean, zero) == pytest.approx(0.0, abs=1e-6)
-    assert shrink_coefficient(zero + 0.25 * (clean - zero), clean, zero) == pytest.approx(0.25, rel=1e-5)
 
 
 def test_orders_queries_and_fixed_mappings():

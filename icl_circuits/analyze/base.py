@@ -8,9 +8,10 @@ and :meth:`Analysis.findings` -- the few numbers ``record-vs-circuit`` puts side
 
 Readouts at the answer position ``t`` of each right-padded prompt (a causal model's logits there do
 not see the padding): the shared ones live in :mod:`icl_circuits.tasks.scoring` (``padded_batch``,
-``batch_chunks``, ``answer_logits`` ``[batch, d_vocab]``, ``scores_from_logits``); here
-:func:`label_log_probs` (log-probabilities renormalised over a task's label tokens) and
-:func:`head_logit_attribution` (direct logit attribution of every head).
+``batch_chunks``, ``answer_logits`` ``[batch, d_vocab]``, ``scores_from_logits``); here only
+:func:`head_logit_attribution` (direct logit attribution of every head); label log-probabilities
+and the shrink coefficient are :func:`icl_circuits.tasks.scoring.label_log_probs` and
+:func:`~icl_circuits.tasks.scoring.shrink_coefficient`.
 
 Cost: one forward per ``batch_size`` prompts for each readout.
 """
@@ -154,12 +155,6 @@ def check_positive(**values: int) -> None:
 
 
 # ---------------------------------------------------------------- readouts at the answer position
-
-
-def label_log_probs(final: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
-    """``[batch, n_labels]``: log-softmax of ``final [batch, d_vocab]`` restricted to ``label_ids [n_labels]``
-    (renormalised over the labels, as Zhao et al. 2021 read label probabilities)."""
-    return final[:, label_ids.long()].log_softmax(-1)
 
 
 @torch.no_grad()

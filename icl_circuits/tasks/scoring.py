@@ -124,6 +124,38 @@ def scores_from_logits(final: torch.Tensor, answer_ids: torch.Tensor, contrast_i
     )
 
 
+def label_log_probs(final: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, n_labels]``: log-softmax of ``final [batch, d_vocab]`` restricted to ``label_ids [n_labels]``
+    (renormalised over the labels, as Zhao et al. 2021 read label probabilities)."""
+    return final[:, label_ids.long()].log_softmax(-1)
+
+
+def shrink_coefficient(
+    logits: torch.Tensor, logits_clean: torch.Tensor, logits_zero: torch.Tensor, labels: torch.Tensor | None = None
+) -> float:
+    """How far an in-context update survives a manipulation, along the clean update (all ``[batch, d_vocab]``).
+
+    With ``L`` the log-softmax renormalised over ``labels [n_labels]`` (:func:`label_log_probs`) or, for
+    ``labels=None``, over the full vocabulary, ``u = L(logits) - L(logits_zero)`` and
+    ``u0 = L(logits_clean) - L(logits_zero)``::
+
+        beta = sum_b <u_b, u0_b> / sum_b |u0_b|^2
+
+    1: the clean update; 0: back at the zero-shot prediction (or orthogonal to the clean update);
+    ``< 0``: past it. Any per-row constant added to the logits leaves ``beta`` unchanged.
+    """
+    if not logits.shape == logits_clean.shape == logits_zero.shape or logits.ndim != 2:
+        raise InputError(f"logits must all be [batch, d_vocab], got {tuple(logits.shape)}, "
+                         f"{tuple(logits_clean.shape)}, {tuple(logits_zero.shape)}")  # fmt: skip
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return x.float().log_softmax(-1) if labels is None else label_log_probs(x.float(), labels)
+
+    zero = norm(logits_zero)
+    u, u0 = norm(logits) - zero, norm(logits_clean) - zero
+    return float((u * u0).sum() / u0.pow(2).sum().clamp_min(1e-30))
+
+
 def score_tokens(
     model: Any,
     tokens: Sequence[Sequence[int]] | torch.Tensor,
