@@ -24,24 +24,35 @@ def model_shape(model: Any) -> tuple[int, int]:
     return int(model.cfg.n_layers), int(model.cfg.n_heads)
 
 
-def all_heads(n_layers: int, n_heads: int) -> list[Head]:
-    """Every ``(layer, head)``, layer-major."""
+def all_heads(model: Any) -> list[Head]:
+    """Every ``(layer, head)`` of the model, layer-major."""
+    n_layers, n_heads = model_shape(model)
     return [(l, h) for l in range(n_layers) for h in range(n_heads)]
 
 
 def check_heads(
-    heads: Iterable[Sequence[int]], n_layers: int, n_heads: int, *, what: str = "heads", unit: str = "heads"
+    heads: Iterable[Sequence[int]],
+    n_layers: int,
+    n_heads: int,
+    *,
+    what: str = "heads",
+    unit: str = "heads",
+    allow_empty: bool = True,
 ) -> list[Head]:
     """``heads`` as validated, de-duplicated ``(layer, head)`` int pairs (order kept).
 
+    ``what`` names the argument in messages; ``unit`` the second axis (``"key/value heads"``...).
+
     Raises:
-        InputError: a pair that is not two integers, or lies outside ``n_layers x n_heads`` (all named).
+        InputError: an entry that is not a pair of integers, a pair outside ``n_layers x n_heads``
+            (all of them named), or no pair at all when ``allow_empty`` is False.
     """
-    out: list[Head] = []
-    for x in heads:
-        if len(x) != 2:
-            raise InputError(f"{what}: each entry must be a (layer, head) pair, got {x!r}")
-        out.append((int(x[0]), int(x[1])))
+    try:
+        out = [(int(l), int(h)) for l, h in heads]
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what} must be a sequence of (layer, head) pairs, got {heads!r}") from e
+    if not out and not allow_empty:
+        raise InputError(f"{what} is empty: give at least one (layer, head)")
     bad = [x for x in out if not (0 <= x[0] < n_layers and 0 <= x[1] < n_heads)]
     if bad:
         raise InputError(f"{what} {bad} outside the model ({n_layers} layers x {n_heads} {unit})")

@@ -37,7 +37,7 @@ from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, head_n
 from icl_circuits.models import model_info
 from icl_circuits.patching.ablation import ablated_logits, mean_z
 from icl_circuits.report import Section, figure_html, table_html
-from icl_circuits.shapes import all_heads, check_model_heads, model_shape
+from icl_circuits.shapes import all_heads, check_model_heads
 from icl_circuits.tasks import corpus
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
@@ -181,7 +181,7 @@ def run_label_binding(
         chosen, source = find_induction_heads(model, seed, ablation=scan_ablation)
     else:
         chosen, source = check_model_heads(model, heads), "given"
-    others = [lh for lh in all_heads(*model_shape(model)) if lh not in chosen]
+    others = [lh for lh in all_heads(model) if lh not in chosen]
     gen = torch.Generator().manual_seed(seed)
     controls = [[others[int(i)] for i in torch.randperm(len(others), generator=gen)[: len(chosen)]]
                 for _ in range(n_controls)] if chosen and len(others) >= len(chosen) else []  # fmt: skip

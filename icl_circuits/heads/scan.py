@@ -42,6 +42,7 @@ from icl_circuits.heads import scores as hd
 from icl_circuits.io import generator
 from icl_circuits.models import model_info
 from icl_circuits.patching.ablation import SIGN, InContextGain, mean_ablation_sweep
+from icl_circuits.shapes import check_heads
 
 METRICS = ("induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation")
 ROLES = ("induction", "previous-token", "duplicate-token", "copying")
@@ -308,9 +309,7 @@ class HeadScan:
         heads = heads or self.top_heads()
         if not 0 <= example < self.tokens.shape[0]:
             raise InputError(f"example must be in 0..{self.tokens.shape[0] - 1}, got {example}")
-        for l, h in heads:
-            if not (0 <= l < self.n_layers and 0 <= h < self.n_heads):
-                raise InputError(f"head ({l}, {h}) is outside {self.n_layers} layers x {self.n_heads} heads")
+        heads = check_heads(heads, self.n_layers, self.n_heads)
         ids = self.tokens[example : example + 1]
         names = sorted({f"blocks.{l}.attn.hook_pattern" for l, _ in heads})
         with torch.no_grad():

@@ -345,7 +345,7 @@ def mean_ablation_sweep(
         InputError: a head outside the model, ``max_rows < 1``, or hook points this bridge lacks.
     """
     padded, last = padded_batch(model, tokens, last_positions)
-    todo = all_heads(*model_shape(model)) if heads is None else check_model_heads(model, heads)
+    todo = all_heads(model) if heads is None else check_model_heads(model, heads)
     if max_rows < 1:
         raise InputError(f"max_rows must be >= 1, got {max_rows}")
     with fused_activations(model, fast_activations):
