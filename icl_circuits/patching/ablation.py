@@ -18,9 +18,11 @@ oriented so that *larger = the model does the behaviour better*:
 So **a negative effect means the head helps** (removing it hurts), 0 that it does not matter.
 
 :func:`mean_ablation_sweep` ablates one head at a time. Cost: one captured forward of the prompts
-(means, the cached residual stream, the clean metric), then for each layer ``l`` its heads tiled into
-one batch (one copy of the prompts per head, at most ``max_rows`` rows) that starts at block ``l``
-from the cached residual (:mod:`icl_circuits.patching.resume`) and reads only what the metric needs:
+(means, the cached residual stream, the clean metric), then the heads, layer by layer, tiled into
+batches of at most ``max_rows`` rows (one copy of the prompts per head), each started at the lowest
+layer among its heads from the cached residual (:mod:`icl_circuits.patching.resume`) -- one run per
+layer where a layer's heads fill the rows, several small layers per run otherwise (fewer calls,
+which is what a tiny model's time goes to) -- reading only what the metric needs:
 one ``d_model`` dot per row for :class:`LogitDiff`, the unembedding at the read positions (in row
 chunks) for :class:`InContextGain`. That is about ``H * sum_l (L - l) / L`` batch forwards of the
 upper layers instead of ``L * H`` full ones. With ``pattern_score`` it also records every later
@@ -367,6 +369,7 @@ def _sweep(
     L, H = model_shape(model)
     batch = int(padded.shape[0])
     device = getattr(model.cfg, "device", None) or "cpu"
+    todo = sorted(todo)
     layers = sorted({l for l, _ in todo})
     z_names = [f"blocks.{l}.attn.hook_z" for l in layers] if means is None else []
     p_names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)] if pattern_score is not None else []
@@ -396,10 +399,15 @@ def _sweep(
     effect = torch.full((L, H), float("nan"))
     change = torch.full((L, H, L, H), float("nan")) if pattern_score is not None else None
     per = max(1, max_rows // batch)
-    jobs = [hs[i : i + per] for l in layers for hs in [[(ll, h) for ll, h in todo if ll == l]]
-            for i in range(0, len(hs), per)]  # fmt: skip
+    jobs: list[list[Head]] = []  # adjacent whole layers packed while they fit; a layer larger than a run is split
+    for l in layers:
+        hs = [lh for lh in todo if lh[0] == l]
+        if jobs and jobs[-1][-1][0] == l - 1 and len(jobs[-1]) + len(hs) <= per:
+            jobs[-1] += hs
+            continue
+        jobs += [hs[i : i + per] for i in range(0, len(hs), per)]
     for chunk in tqdm(jobs, desc=f"mean-ablating heads ({metric.name})", unit="fwd", disable=not progress):
-        l, copies = chunk[0][0], len(chunk)
+        l0, copies = chunk[0][0], len(chunk)
         recorded: dict[int, torch.Tensor] = {}  # receiver layer -> [copies, head]
 
         def record(
@@ -412,9 +420,9 @@ def _sweep(
 
         hooks = ablation_hooks(chunk, means, tile=batch)
         if pattern_score is not None:
-            hooks += [(p_names[r], record(r, pattern_score, recorded, copies)) for r in range(l + 1, L)]
+            hooks += [(p_names[r], record(r, pattern_score, recorded, copies)) for r in range(l0 + 1, L)]
         if resumed:
-            final = base.final_from(l, base.resid(l).repeat(copies, 1, 1), hooks, positions=metric.positions)
+            final = base.final_from(l0, base.resid(l0).repeat(copies, 1, 1), hooks, positions=metric.positions)
             values = metric.from_final(final, model).cpu()
         else:  # full forwards of the tiled batch
             with model.hooks(fwd_hooks=hooks):
@@ -422,10 +430,11 @@ def _sweep(
             values = metric.from_logits(read_positions(logits, metric.positions)).cpu()
             del logits
         values = values.reshape(copies, batch).mean(1)
-        for i, (_, h) in enumerate(chunk):
+        for i, (l, h) in enumerate(chunk):
             effect[l, h] = float(values[i]) - float(clean.mean())
             if change is not None and clean_pattern is not None:
-                change[l, h] = 0.0
+                change[l, h] = 0.0  # receivers at or below the ablated layer: unreachable
                 for r, score in recorded.items():
-                    change[l, h, r] = score[i] - clean_pattern[r]
+                    if r > l:
+                        change[l, h, r] = score[i] - clean_pattern[r]
     return AblationSweep(metric.name, metric.unit, effect, float(clean.mean()), clean_pattern, change, resumed)
