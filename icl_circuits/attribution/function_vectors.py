@@ -43,9 +43,8 @@ from tqdm.auto import tqdm
 from icl_circuits.errors import InputError
 from icl_circuits.patching.atp import spearman
 from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.shapes import Head, check_heads
 from icl_circuits.tasks.registry import Task
-
-Head = tuple[int, int]
 
 
 def _label(head: Head) -> str:
@@ -176,12 +175,8 @@ def function_vector(model: Any, heads: Sequence[Head], mean_z: torch.Tensor) -> 
     w_o = model.W_O.detach()  # [layer, head, d_head, d_model]
     if tuple(mean_z.shape) != tuple(w_o.shape[:3]):
         raise InputError(f"mean_z must be [layer, head, d_head] = {list(w_o.shape[:3])}, got {list(mean_z.shape)}")
-    if not heads:
-        raise InputError("heads is empty: give at least one (layer, head)")
     out = torch.zeros(w_o.shape[-1], dtype=w_o.dtype, device=w_o.device)
-    for l, h in heads:
-        if not (0 <= l < w_o.shape[0] and 0 <= h < w_o.shape[1]):
-            raise InputError(f"head ({l}, {h}) outside the model ({w_o.shape[0]} layers x {w_o.shape[1]} heads)")
+    for l, h in check_heads(heads, w_o.shape[0], w_o.shape[1], allow_empty=False):
         out += mean_z[l, h].to(w_o) @ w_o[l, h]
     return out
 

@@ -52,6 +52,7 @@ import torch
 
 from icl_circuits.errors import InputError, TaskError
 from icl_circuits.fast_weights import decompose as fw
+from icl_circuits.shapes import expand_kv
 from icl_circuits.tasks.roles import render_examples
 
 
@@ -114,11 +115,11 @@ def demo_memory(model: Any, tokens: torch.Tensor, roles: Any) -> DemoMemory:
     rows, last = torch.arange(tokens.shape[0]), roles.last_positions.cpu()
     keys, values, mass = [], [], []
     for l in range(n_layers):
-        keys.append(fw._per_head_act(cache[f"blocks.{l}.attn.{kn}"], n_heads).float().cpu())
-        values.append(fw._per_head_act(cache[f"blocks.{l}.attn.hook_v"], n_heads).float().cpu())
+        keys.append(expand_kv(cache[f"blocks.{l}.attn.{kn}"], n_heads, dim=2).float().cpu())
+        values.append(expand_kv(cache[f"blocks.{l}.attn.hook_v"], n_heads, dim=2).float().cpu())
         A = cache[f"blocks.{l}.attn.hook_pattern"][rows, :, last].float().cpu()  # [prompt, head, pos]
         mass.append((A * demo[:, None]).sum(-1))
-    return DemoMemory(tuple(keys), tuple(values), demo, tuple(mass), fw._score_scale(model))
+    return DemoMemory(tuple(keys), tuple(values), demo, tuple(mass), fw.score_scale(model))
 
 
 def linear_fast_weight(mem: DemoMemory) -> tuple[torch.Tensor, torch.Tensor]:

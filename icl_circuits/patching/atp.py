@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from icl_circuits.errors import InputError
 from icl_circuits.patching.exact import Direction, PatchEffects, check_inputs
 from icl_circuits.patching.resume import answer_direction, fused_activations
+from icl_circuits.shapes import expand_kv
 
 HEAD_ACTIVATIONS = ("z", "q", "k", "v", "pattern")
 ESTIMATORS = ("atp", "atp_qk", "atp_star")
@@ -318,7 +319,7 @@ class _Layer:
 
     def expand(self, t: torch.Tensor) -> torch.Tensor:
         """``[batch, pos, n_kv, d] -> [batch, pos, n_heads, d]``."""
-        return t.repeat_interleave(self.group, dim=2) if self.group > 1 else t
+        return expand_kv(t, t.shape[2] * self.group, dim=2)
 
     def pattern(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``softmax(q k^T * scale)`` with the base run's mask: ``[batch, head, q_pos, k_pos]``."""

@@ -9,20 +9,22 @@ size, batch 8 x 32).
 
 How it works: :func:`capture_run` runs the model once with a forward pre-hook on every block that
 records the positional and keyword arguments the Hugging Face model passes to it (attention mask,
-rotary ``position_embeddings``, position ids...). :meth:`BaseRun.logit_diff_from` then calls
+rotary ``position_embeddings``, position ids...). :meth:`BaseRun.final_from` then calls
 ``model.blocks[l](x, *args, **kwargs)`` for ``l..L-1`` directly -- the bridge's own block modules, so
 its hook points fire and ``model.hooks(...)`` patches apply -- with those arguments tiled to the
 ``n`` copies of the batch in ``x`` (tensors whose first axis is the batch), the KV cache dropped.
-The final norm is applied to the answer position only, and only the answer-minus-contrast
-unembedding column is used::
+The final norm is applied at the positions the caller reads only (``ln_final(x[read_pos])``, the
+unembedding's input); :meth:`BaseRun.logit_diff_from` reads the answer position and uses only the
+answer-minus-contrast unembedding column::
 
     LD = ln_final(x[answer_pos]) . (W_U[:, answer] - W_U[:, contrast]) + b_U[answer] - b_U[contrast]
 
-so a patched run never builds the ``[batch, pos, d_vocab]`` logits.
+so a patched run never builds the ``[batch, pos, d_vocab]`` logits. (Mean ablation with a loss metric,
+:mod:`icl_circuits.patching.ablation`, reads many positions and unembeds them itself.)
 
 Two shortcuts for sequential blocks (``mid = x + attn(x)``, ``out = mid + mlp(ln2(mid))``; not
 ``parallel_attn_mlp``): the last block stops at its ``hook_resid_mid`` (a hook raises) and its MLP
-runs at the answer positions only; and a run may start at a block's mid-residual (used for head
+runs at the read positions only; and a run may start at a block's mid-residual (used for head
 outputs, whose patch is ``(z' - z) @ W_O`` added there, so the patched layer's attention is skipped).
 
 Safety: :meth:`BaseRun.check` resumes at the last block on two copies, whole, and compares with the
@@ -137,6 +139,7 @@ class BaseRun:
     answer_dir: torch.Tensor
     answer_bias: torch.Tensor
     sequential: bool = False
+    logits: torch.Tensor | None = None  # [batch, pos, d_vocab] of the full forward, when capture_run kept them
 
     @property
     def batch(self) -> int:
@@ -162,20 +165,22 @@ class BaseRun:
         block = self.model.blocks[layer]
         return mid + block.mlp(block.ln2(mid))
 
-    def logit_diff_from(
+    def final_from(
         self,
         layer: int,
         x: torch.Tensor,
         fwd_hooks: Sequence[tuple[str, Any]] = (),
         *,
+        positions: torch.Tensor | None = None,
         mid: bool = False,
         shortcut: bool = True,
     ) -> torch.Tensor:
         """Run blocks ``layer..L-1`` on ``x [n * batch, pos, d_model]`` (copy-major) under ``fwd_hooks``.
 
-        ``mid=True``: ``x`` is the mid-residual of ``layer`` (its attention already applied; needs
-        ``sequential``). ``shortcut=False`` runs every block whole, as the model does. Returns
-        ``[n * batch]``: each row's answer-minus-contrast logit difference at its answer position.
+        Returns ``ln_final`` of the final residual at ``positions [batch, P]`` (each example's read
+        positions, the same in every copy; ``None``: all positions): ``[n * batch, P, d_model]``, the
+        input of the unembedding. ``mid=True``: ``x`` is the mid-residual of ``layer`` (its attention
+        already applied; needs ``sequential``). ``shortcut=False`` runs every block whole, as the model does.
         """
         rows = int(x.shape[0])
         if rows % self.batch:
@@ -183,7 +188,9 @@ class BaseRun:
         if mid and not self.sequential:
             raise InputError("a run can start at a mid-residual only on a model verified sequential (check())")
         n, last = rows // self.batch, self.n_layers - 1
-        at_answer = (torch.arange(rows), self.positions.repeat(n))
+        if positions is None:
+            positions = torch.arange(x.shape[1]).expand(self.batch, -1)
+        at_read = (torch.arange(rows)[:, None], positions.to(x.device).repeat(n, 1))  # -> [rows, P, d_model]
         armed = {"on": False}
 
         def stop(t: torch.Tensor, hook: Any) -> None:
@@ -196,14 +203,14 @@ class BaseRun:
             hooks.append((f"blocks.{last}.hook_resid_mid", stop))
         with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
             if mid and layer == last:
-                final = self._mlp_tail(last, x[at_answer].unsqueeze(1)).squeeze(1)
+                final = self._mlp_tail(last, x[at_read])
             else:
                 if mid:
                     x = self._mlp_tail(layer, x)
                     layer += 1
                 for l in range(layer, last if fast else last + 1):
                     x = self._call_block(l, x, n)
-                if fast:  # the last block: attention everywhere, the MLP at the answer positions only
+                if fast:  # the last block: attention everywhere, the MLP at the read positions only
                     armed["on"] = True
                     try:
                         self._call_block(last, x, n)
@@ -212,11 +219,25 @@ class BaseRun:
                         x = stopped.value
                     finally:
                         armed["on"] = False
-                    final = self._mlp_tail(last, x[at_answer].unsqueeze(1)).squeeze(1)
+                    final = self._mlp_tail(last, x[at_read])
                 else:
-                    final = x[at_answer]  # [rows, d_model]
-            normed = self.model.ln_final(final.unsqueeze(1)).squeeze(1)
-        return (normed * self.answer_dir.repeat(n, 1)).sum(-1) + self.answer_bias.repeat(n)
+                    final = x[at_read]  # [rows, P, d_model]
+            return self.model.ln_final(final)
+
+    def logit_diff_from(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
+        *,
+        mid: bool = False,
+        shortcut: bool = True,
+    ) -> torch.Tensor:
+        """:meth:`final_from` read at the answer positions: ``[n * batch]``, each row's
+        answer-minus-contrast logit difference ``ln_final(x) . answer_dir + answer_bias``."""
+        n = int(x.shape[0]) // self.batch
+        normed = self.final_from(layer, x, fwd_hooks, positions=self.positions[:, None], mid=mid, shortcut=shortcut)
+        return (normed[:, 0] * self.answer_dir.repeat(n, 1)).sum(-1) + self.answer_bias.repeat(n)
 
     def resid(self, layer: int) -> torch.Tensor:
         """``[batch, pos, d_model]``: the cached residual entering block ``layer``."""
@@ -267,8 +288,11 @@ def capture_run(
     answer_tokens: torch.Tensor,
     contrast_tokens: torch.Tensor,
     positions: torch.Tensor,
+    *,
+    keep_logits: bool = False,
 ) -> BaseRun:
-    """One no-grad forward of ``tokens [batch, pos]`` caching ``names`` (plus every ``hook_resid_pre``)."""
+    """One no-grad forward of ``tokens [batch, pos]`` caching ``names`` (plus every ``hook_resid_pre``);
+    ``keep_logits``: also keep its ``[batch, pos, d_vocab]`` logits (``BaseRun.logits``)."""
     n_layers = len(model.blocks)
     resid = [f"blocks.{l}.hook_resid_{w}" for l in range(n_layers) for w in ("pre", "mid")]
     wanted = [n for n in dict.fromkeys([*names, *resid]) if not n.endswith("hook_resid_mid") or n in model.hook_dict]
@@ -297,6 +321,7 @@ def capture_run(
         logit_diff=ld.detach().float(),
         answer_dir=answer_dir,
         answer_bias=answer_bias,
+        logits=logits.detach() if keep_logits else None,
     )
 
 

@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icl_circuits.analyze.base import (
-    answer_logits,
-    head_logit_attribution,
-    label_log_probs,
-    scores_from_logits,
-    uses_corpus_vocab,
-)
+from icl_circuits.analyze.base import head_logit_attribution, uses_corpus_vocab
 from icl_circuits.tasks.prompts import build_prompts
-from icl_circuits.tasks.scoring import score_prompts
+from icl_circuits.tasks.scoring import answer_logits, label_log_probs, score_prompts, scores_from_logits
 
 
 @pytest.mark.fixture

@@ -5,19 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from icl_circuits.analyze import ANALYSES
-from icl_circuits.analyze.shots_noise import shrink_coefficient
-
-
-@pytest.mark.unit
-def test_shrink_coefficient_analytic():
-    g = torch.Generator().manual_seed(0)
-    zero, clean = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
-    assert shrink_coefficient(clean, clean, zero) == pytest.approx(1.0)
-    assert shrink_coefficient(zero, clean, zero) == pytest.approx(0.0, abs=1e-6)
-    assert shrink_coefficient(zero + 0.25 * (clean - zero), clean, zero) == pytest.approx(0.25, rel=1e-5)
 
 
 @pytest.mark.fixture

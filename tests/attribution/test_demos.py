@@ -51,5 +51,5 @@ def test_demo_attribution_rejects_bad_input(ind2l):
         demo_attribution(ind2l, tokens, answers, contrasts, [(2, 0)], roles)
     with pytest.raises(InputError, match=r"\[batch=2\]"):
         demo_attribution(ind2l, tokens, answers[:1], contrasts, [(1, 1)], roles)
-    with pytest.raises(InputError, match="no heads"):
+    with pytest.raises(InputError, match="heads is empty"):
         demo_attribution(ind2l, tokens, answers, contrasts, [], roles)
