@@ -65,16 +65,17 @@ def seed_value(text: str) -> int:
     return value
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer ``>= minimum``."""
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum`` (and ``<= maximum`` when given)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}")
         return value
 
     return parse
@@ -256,7 +257,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """Device, seed and threads."""
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=seed_value, default=0, help=f"random seed, an integer in 0..{SEED_MAX} (default 0)")
-    p.add_argument("--threads", type=at_least(1), default=None,
+    p.add_argument("--threads", type=at_least(1, 1024), default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else half the cores, 1 to 4)")  # fmt: skip
 
 

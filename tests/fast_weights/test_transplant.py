@@ -8,6 +8,7 @@ import torch
 
 from icl_circuits.errors import InputError, TaskError
 from icl_circuits.fast_weights import decompose as fw
+from icl_circuits.shapes import expand_kv
 from tests.helpers import ARROW, SEP, fixture_tokens, require_fixture
 
 
@@ -108,7 +109,7 @@ def test_memory_read_of_its_own_prompt_is_the_demo_part(which, request):
     for p in range(tokens.shape[0]):
         mem = demo_memory(model, tokens[p : p + 1], fw.roles_from_tokens(tokens[p : p + 1], arrow_id=ARROW, sep_id=SEP))
         for l in range(int(model.cfg.n_layers)):
-            q = fw._per_head_act(cache[f"blocks.{l}.attn.{qn}"], n_heads)[p : p + 1, -1]  # [1, head, d_head]
+            q = expand_kv(cache[f"blocks.{l}.attn.{qn}"], n_heads, dim=2)[p : p + 1, -1]  # [1, head, d_head]
             read = torch.einsum("bhe,hed->bhd", memory_read(mem, l, q), model.W_O[l].detach())
             idx = [dec.index((l, h)) for h in range(n_heads)]
             assert torch.allclose(read[0], dec.demo_part[p, idx], atol=1e-5)
