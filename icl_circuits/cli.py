@@ -139,11 +139,13 @@ def check_model_spec(spec: str) -> str:
         "/" in spec and Path(head).expanduser().is_dir()
     ):
         raise ModelSpecError(f"model file or folder {spec!r} not found")
-    if "/" not in spec and spec not in HUB_NAMES:
+    from icl_circuits.models.gguf import NAMED_GGUF
+
+    if "/" not in spec and spec not in HUB_NAMES and spec not in NAMED_GGUF:
         bare = re.sub(r"^fixtures?[\W_]*", "", spec)
-        hint = _did_you_mean(bare, fixtures, FIXTURE_PREFIX)
+        hint = _did_you_mean(bare, fixtures, FIXTURE_PREFIX) or _did_you_mean(spec, list(NAMED_GGUF))
         if hint:
-            raise ModelSpecError(f"model spec {spec!r} is not a file, folder or fixture{hint}")
+            raise ModelSpecError(f"model spec {spec!r} is not a file, folder, fixture or named model{hint}")
     return spec
 
 

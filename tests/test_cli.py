@@ -79,6 +79,7 @@ def _bad_inputs(tmp):
         "seed-negative": (["--seed", "-1"], "--seed", "'-1'"),
         "model-without-fixture-prefix": (["--model", "icl-tiny"], "--model", "fixture:icl-tiny?"),
         "model-near-miss": (["--model", "fixture:icl-tny"], "--model", "fixture:icl-tiny?"),
+        "named-model-near-miss": (["--model", "smollm2-13m"], "--model", "smollm2-135m?"),
         "model-empty": (["--model", ""], "--model", "''"),
         "task-empty": (["--task", ""], "--task", "''"),
         "task-unknown": (["--task", "no-such-task"], "--task", "'no-such-task'"),
@@ -93,7 +94,8 @@ def _bad_inputs(tmp):
 
 CASE_NAMES = [
     "out-existing-file", "out-under-a-file", "out-unwritable", "out-empty", "seed-negative",
-    "model-without-fixture-prefix", "model-near-miss", "model-empty", "task-empty", "task-unknown",
+    "model-without-fixture-prefix", "model-near-miss", "named-model-near-miss",
+    "model-empty", "task-empty", "task-unknown",
     "task-file-not-utf8", "task-file-duplicate-inputs", "device-cuda", "shots-with-a-bad-item", "n-zero",
     "analysis-unknown",
 ]  # fmt: skip
