@@ -60,6 +60,20 @@ def _cache(model: Any, tokens: torch.Tensor, names: Callable[[str], bool]) -> di
     return {k: v.detach().clone() for k, v in cache.items()}
 
 
+def _cache_all(
+    model: Any, tokens: torch.Tensor, hooks: list[tuple[str, Any]], names: Callable[[str], bool]
+) -> dict[str, torch.Tensor]:
+    """The activations ``names`` of a forward under ``hooks``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(t: torch.Tensor, hook: Any) -> None:
+        seen[hook.name] = t.detach().clone()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *((n, grab) for n in model.hook_dict if names(n))]):
+        model(tokens)
+    return seen
+
+
 def _replace(name: str, value: torch.Tensor, index: tuple[Any, ...]) -> tuple[str, Any]:
     def hook(t: torch.Tensor, hook: Any) -> torch.Tensor:
         t = t.clone()
@@ -304,24 +318,27 @@ def cell_per_demo(model: Any, b: Batch) -> Pair:
 
 
 def cell_fast_weight_read(model: Any, b: Batch) -> Pair:
-    """The exact softmax memory read by each prompt's own query = the heads' demo part ``sum_{s in D} A[q,s] v_s``."""
-    from icl_circuits.fast_weights import decompose as fw
+    """One prompt's softmax memory read by its own query (before rotation) = the heads' demo part
+    ``sum_{s in D} A[q, s] v_s`` of a direct forward (``hook_pattern``, ``hook_v``)."""
     from icl_circuits.fast_weights.transplant import demo_memory, memory_read
+    from icl_circuits.models.attention import pre_rotary
+    from icl_circuits.tasks.roles import roles_from_tokens
 
-    mem = demo_memory(model, b.clean, b.roles)
-    cache = _cache(model, b.clean, lambda n: n.endswith(("hook_pattern", "hook_v")) or "hook_q" in n or "rot" in n
-                   or n.endswith(("hook_cos", "hook_sin")))  # fmt: skip
-    rows = torch.arange(b.clean.shape[0])
-    ours, ref = [], []
-    demo = mem.demo
-    for l in range(model.cfg.n_layers):
-        q = fw.query_at(model, cache, l, rows, b.last)  # [batch, head, d_head]
-        # per prompt p, read by its own query only: memory_read averages over prompts, so compare the diagonal
-        ours.append(torch.stack([memory_read(mem, l, q[p : p + 1], positions=b.last[p : p + 1], prompts=[p])[0]
-                                 for p in range(len(rows))]))  # fmt: skip
-        A = cache[f"blocks.{l}.attn.hook_pattern"][rows, :, b.last].float()  # [batch, head, k]
-        v = fw._per_head_act(cache[f"blocks.{l}.attn.hook_v"], model.cfg.n_heads).float()
-        ref.append(torch.einsum("bhs,bs,bshe->bhe", A, demo, v))
+    cache = _cache(model, b.clean, lambda n: "attn.hook" in n)
+    n_heads, ours, ref = model.cfg.n_heads, [], []
+    for p in range(b.clean.shape[0]):
+        tok, last = b.clean[p : p + 1], b.last[p : p + 1]
+        mem = demo_memory(model, tok, roles_from_tokens(tok, arrow_id=3, sep_id=4, last_positions=last))
+        demo = (b.roles.demo_index[p] >= 0).float()
+        for l in range(model.cfg.n_layers):
+            ours.append(memory_read(mem, l, pre_rotary(cache, l, "q")[p, last]).reshape(n_heads, -1))
+            A = cache[f"blocks.{l}.attn.hook_pattern"][p, :, last[0]].float()  # [head, pos]
+            v = (
+                cache[f"blocks.{l}.attn.hook_v"][p]
+                .float()
+                .repeat_interleave(n_heads // cache[f"blocks.{l}.attn.hook_v"].shape[2], 1)
+            )
+            ref.append(torch.einsum("hs,s,she->he", A, demo, v))
     return torch.stack(ours).cpu(), torch.stack(ref).cpu()
 
 
@@ -338,8 +355,8 @@ def cell_decomposition(model: Any, b: Batch) -> Pair:
 
 def cell_transplant(model: Any, b: Batch) -> Pair:
     """The fast-weight transplant ``z += b + W q~``: against a plain hook adding the same from the rotated query."""
-    from icl_circuits.fast_weights import decompose as fw
     from icl_circuits.fast_weights.transplant import demo_memory, linear_fast_weight, logits_with_fast_weight
+    from icl_circuits.models.attention import pre_rotary
 
     mem = demo_memory(model, b.clean, b.roles)
     W, bias = linear_fast_weight(mem)
@@ -347,10 +364,11 @@ def cell_transplant(model: Any, b: Batch) -> Pair:
     last = b.last[:2]
     ours = logits_with_fast_weight(model, target, last, W, bias)
     rows = torch.arange(2)
-    cache = _cache(model, target, lambda n: "hook_q" in n or "rot" in n or n.endswith(("hook_cos", "hook_sin")))
-    hooks = []
-    for l in range(model.cfg.n_layers):
-        q = fw.query_at(model, cache, l, rows, last)
+    hooks: list[tuple[str, Any]] = []
+    for l in range(model.cfg.n_layers):  # layer by layer: the query of layer l under the additions below it
+        wanted = {f"blocks.{l}.attn.hook_q", f"blocks.{l}.attn.hook_q_normed"}
+        cache = _cache_all(model, target, hooks, wanted.__contains__)
+        q = pre_rotary(cache, l, "q")[rows, last]
         add = bias[l] + torch.einsum("hef,bhf->bhe", W[l], q)
 
         def hook(t: torch.Tensor, hook: Any, add: torch.Tensor = add) -> torch.Tensor:

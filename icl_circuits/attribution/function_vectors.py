@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
 from icl_circuits.patching.atp import spearman
-from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations, unembed
 from icl_circuits.tasks.registry import Task
 
 Head = tuple[int, int]
@@ -201,11 +201,7 @@ def _answer_probs(
     if len(seen) != 1:
         raise InputError(f"the final norm ran {len(seen)} times in a resumed run; cannot read probabilities")
     normed = seen[0].reshape(x.shape[0], -1).detach()  # [rows, d_model]
-    w_u = model.W_U.detach()
-    logits = normed @ w_u
-    b_u = getattr(model, "b_U", None)
-    if b_u is not None:
-        logits = logits + b_u.detach()
+    logits = unembed(model, normed)  # W_U, b_U and any final-logit soft-cap
     n = x.shape[0] // run.batch
     return torch.softmax(logits.float(), dim=-1)[torch.arange(x.shape[0]), answer_tokens.repeat(n)]
 
