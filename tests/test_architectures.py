@@ -96,3 +96,32 @@ def test_fast_weight_memory_is_position_correct_on_rotary_models(arch, models):
     for cell in ("fw memory read", "transplant"):
         r = mx.run_cell(cell, model, b)
         assert r.status == "verified", (cell, r)
+
+
+def test_attribute_job_on_grouped_query_models_uses_kv_heads_for_k_and_v(models):
+    """Llama/Qwen2 with 4 query heads and 2 key/value heads: the job picked receiver L1H3 and path patching
+    rejected it for k/v ("outside the model (2 layers x 2 key/value heads)"); k and v now use its KV head."""
+    from icl_circuits.attribution.job import attribute
+    from icl_circuits.tasks.registry import get_task
+
+    model, _ = models("llama")
+    att = attribute(model, get_task("fixture-bound", model), n_shots=2, n=4, method="all", positions=True,
+                    progress=False)  # fmt: skip
+    assert att.path_receiver is not None and set(att.paths) == {"q", "k", "v"}
+    l_r, _ = att.path_receiver
+    assert att.paths["q"].patched_logit_diff.shape[:2] == (l_r, model.cfg.n_heads)
+    assert att.positions is not None  # the fixture tokenizer: every prompt has the same role layout
+
+
+def test_per_position_results_refuse_prompts_whose_roles_do_not_align():
+    from types import SimpleNamespace
+
+    from icl_circuits.attribution.job import _aligned_by_role
+    from icl_circuits.tasks.roles import roles_from_tokens
+
+    tokens = torch.tensor([[0, 5, 3, 6, 4, 7, 3], [0, 5, 8, 3, 6, 4, 3]])  # demo input of 1 vs 2 tokens
+    last = torch.tensor([6, 6])
+    roles = roles_from_tokens(tokens, arrow_id=3, sep_id=4, last_positions=last)
+    assert "different roles" in _aligned_by_role(roles, SimpleNamespace(last_positions=last))
+    same = roles_from_tokens(tokens[:1].repeat(2, 1), arrow_id=3, sep_id=4, last_positions=last)
+    assert _aligned_by_role(same, SimpleNamespace(last_positions=last)) == ""

@@ -263,7 +263,7 @@ def head_mean_patch(
         per_chunk = max(1, max_rows // batch)
         jobs = [(l, list(range(j, min(j + per_chunk, n_heads)))) for l in range(n_layers)
                 for j in range(0, n_heads, per_chunk)]  # fmt: skip
-        out = torch.empty(n_layers, n_heads, batch)
+        out = torch.empty(n_layers, n_heads, batch, device=p_base.device)  # the model's device
         rows = torch.arange(batch)
         for l, heads in tqdm(jobs, desc="mean-output patching", unit="fwd", disable=not progress):
             value = mean_z[l].to(run.acts[f"blocks.{l}.attn.hook_z"])

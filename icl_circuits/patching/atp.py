@@ -499,7 +499,7 @@ def attribution_patch(
             qk.append(term)
         terms = [t for t in qk if t is not None]
         results[drop] = (
-            torch.stack(lin) if lin else torch.empty(0),
+            torch.stack(lin) if lin else torch.empty(0, device=fixed[0].device),
             torch.stack(fixed),
             torch.stack(terms) if len(terms) == n_layers else None,
         )
