@@ -44,7 +44,7 @@ def matrix() -> str:
     head = "| feature | " + " | ".join(LABELS[a] for a in ARCHS) + " |"
     lines = [head, "| --- " * (len(ARCHS) + 1) + "|"]
     lines += [f"| {c} | " + " | ".join(rows[c][a] for a in ARCHS) + " |" for c in rows]
-    lines += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    lines += [""] + [f"- [{i}] {n}" for i, n in enumerate(notes, 1)]
     return "\n".join(lines)
 
 
