@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
 from icl_circuits.patching.atp import spearman
-from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations, unembed
 from icl_circuits.shapes import Head, check_heads
 from icl_circuits.tasks.registry import Task
 
@@ -196,11 +196,7 @@ def _answer_probs(
     if len(seen) != 1:
         raise InputError(f"the final norm ran {len(seen)} times in a resumed run; cannot read probabilities")
     normed = seen[0].reshape(x.shape[0], -1).detach()  # [rows, d_model]
-    w_u = model.W_U.detach()
-    logits = normed @ w_u
-    b_u = getattr(model, "b_U", None)
-    if b_u is not None:
-        logits = logits + b_u.detach()
+    logits = unembed(model, normed)  # W_U, b_U and any final-logit soft-cap
     n = x.shape[0] // run.batch
     return torch.softmax(logits.float(), dim=-1)[torch.arange(x.shape[0]), answer_tokens.repeat(n)]
 
@@ -262,7 +258,7 @@ def head_mean_patch(
         per_chunk = max(1, max_rows // batch)
         jobs = [(l, list(range(j, min(j + per_chunk, n_heads)))) for l in range(n_layers)
                 for j in range(0, n_heads, per_chunk)]  # fmt: skip
-        out = torch.empty(n_layers, n_heads, batch)
+        out = torch.empty(n_layers, n_heads, batch, device=p_base.device)  # the model's device
         rows = torch.arange(batch)
         for l, heads in tqdm(jobs, desc="mean-output patching", unit="fwd", disable=not progress):
             value = mean_z[l].to(run.acts[f"blocks.{l}.attn.hook_z"])

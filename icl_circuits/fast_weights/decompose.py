@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from icl_circuits.errors import ICLCircuitsError, InputError
+from icl_circuits.models import attention
 from icl_circuits.shapes import Head, all_heads, check_model_heads, expand_kv
 from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles, roles_from_prompts, roles_from_tokens
 
@@ -207,10 +208,10 @@ def decompose(
     hs = parse_heads(heads, model)
     layers = sorted({l for l, _ in hs})
     n_heads, scale = int(model.cfg.n_heads), score_scale(model)
-    qn, kn = qk_hook_names(model)
     wanted = {"ln_final.hook_scale"}
     for l in layers:
-        wanted |= {f"blocks.{l}.attn.{n}" for n in ("hook_pattern", "hook_v", "hook_z", "hook_attn_scores", qn, kn)}
+        wanted |= {f"blocks.{l}.attn.{n}" for n in ("hook_pattern", "hook_v", "hook_z", "hook_attn_scores")}
+        wanted |= set(attention.hook_names(l))
     device = getattr(model.cfg, "device", None) or "cpu"
     _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n in wanted)
     batch, n_roles, n_demos = tokens.shape[0], len(ROLE_NAMES), max(roles.n_demos, 1)
@@ -232,18 +233,15 @@ def decompose(
         role = torch.einsum("bshe,bsr,hed->bhrd", Av, role_1h, W_O)
         demo = torch.einsum("bshe,bsn,hed->bhnd", Av, demo_1h, W_O)
         o = torch.einsum("bhe,hed->bhd", cache[f"blocks.{l}.attn.hook_z"][bidx, last][:, idx].float().cpu(), W_O)
-        q = expand_kv(cache[f"blocks.{l}.attn.{qn}"], n_heads, dim=2)[bidx, last][:, idx].float().cpu()  # [b, H', e]
-        k = expand_kv(cache[f"blocks.{l}.attn.{kn}"], n_heads, dim=2)[:, :, idx].float().cpu()  # [b, s, H', e]
+        qe, ke = attention.score_vectors(model, cache, l)  # as they enter the scores (rotated where rotary)
+        q = expand_kv(qe, n_heads, dim=2)[bidx, last][:, idx].float().cpu()  # [b, H', e]
+        k = expand_kv(ke, n_heads, dim=2)[:, :, idx].float().cpu()  # [b, s, H', e]
         model_scores = cache[f"blocks.{l}.attn.hook_attn_scores"][bidx, :, last][:, idx].float().cpu()  # [b, H', s]
-        diff = (torch.einsum("bhe,bshe->bhs", q, k) / scale - model_scores).abs()
-        gap = float(diff.masked_fill(~causal[:, None], 0).amax())
-        if gap > 1e-3 * (1.0 + float(model_scores.masked_fill(~causal[:, None], 0).abs().amax())):
-            raise ICLCircuitsError(
-                f"layer {l}: the model's attention scores differ from q.k/{scale:.3g} by {gap:.3g}; the dual "
-                "form needs plain dot-product scores (no ALiBi, soft-capping or per-layer scaling)"
-            )  # fmt: skip
-        M_lin = torch.einsum("bshe,bshf->bhef", v * in_demo[:, :, None, None], k) / scale  # [b, H', e, e]
-        M_soft = torch.einsum("bshe,bshf->bhef", Av * in_demo[:, :, None, None], k) / scale
+        model_scores = model_scores.masked_fill(~causal[:, None], float("-inf"))
+        check_dot_product_scores(l, torch.einsum("bhe,bshe->bhs", q, k) / scale, model_scores, scale)
+        seen = (in_demo[:, None] * torch.isfinite(model_scores)).transpose(1, 2)[..., None]  # [b, s, H', 1]
+        M_lin = torch.einsum("bshe,bshf->bhef", v * seen, k) / scale  # [b, H', e, e]
+        M_soft = torch.einsum("bshe,bshf->bhef", Av * seen, k) / scale
         linq = torch.einsum("bhef,bhf,hed->bhd", M_lin, q, W_O)
         softq = torch.einsum("bhef,bhf,hed->bhd", M_soft, q, W_O)
         att = (A * in_demo[:, None]).sum(-1)  # [b, H']
@@ -257,10 +255,16 @@ def decompose(
     )
 
 
-def qk_hook_names(model: Any) -> tuple[str, str]:
-    """The attention hooks holding ``q~`` and ``k~`` as they enter the scores (after rotary where the model has it)."""
-    rotary = model.cfg.positional_embedding_type == "rotary"
-    return ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+def check_dot_product_scores(layer: int, ours: torch.Tensor, scores: torch.Tensor, scale: float) -> None:
+    """Raise unless the model's attention ``scores`` equal ``ours = q~.k~ / scale`` wherever they are finite
+    (masked positions, causal or outside a sliding window, are ``-inf``); both ``[..., pos]``."""
+    seen = torch.isfinite(scores)
+    gap = float((ours - scores).abs()[seen].amax()) if bool(seen.any()) else 0.0
+    if gap > 1e-3 * (1.0 + float(scores[seen].abs().amax() if bool(seen.any()) else 0.0)):
+        raise ICLCircuitsError(
+            f"layer {layer}: the model's attention scores differ from q.k/{scale:.3g} by {gap:.3g}; the dual "
+            "form needs plain dot-product scores (no ALiBi, attention soft-capping or per-layer scaling)"
+        )
 
 
 # ---------------------------------------------------------------- measures (pure)

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
-from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations, unembed, unembed_ld
 from icl_circuits.shapes import Head, all_heads, check_model_heads, model_shape
 from icl_circuits.tasks.scoring import answer_logits, batch_chunks, padded_batch
 
@@ -74,24 +74,13 @@ class AblationMetric(Protocol):
     def from_final(self, final: torch.Tensor, model: Any) -> torch.Tensor: ...
 
 
-def unembed_weights(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W_U [d_model, d_vocab], b_U [d_vocab])`` (zeros for a bias-free unembedding)."""
-    w_u = model.W_U.detach()
-    try:
-        b_u = model.b_U.detach()
-    except AttributeError:
-        b_u = torch.zeros(w_u.shape[1], dtype=w_u.dtype, device=w_u.device)
-    return w_u, b_u
-
-
 def _unembed_chunks(final: torch.Tensor, model: Any, fn: Callable[[torch.Tensor, slice], torch.Tensor]) -> torch.Tensor:
     """``fn(final[rows] @ W_U + b_U, rows)`` over row chunks of ``final [rows, P, d_model]`` -> ``[rows]``."""
-    w_u, b_u = unembed_weights(model)
-    per = max(1, _MAX_LOGITS // max(1, final.shape[1] * w_u.shape[1]))
+    per = max(1, _MAX_LOGITS // max(1, final.shape[1] * int(model.cfg.d_vocab)))
     out = []
     for lo in range(0, final.shape[0], per):
         rows = slice(lo, lo + per)
-        out.append(fn(final[rows] @ w_u.to(final.dtype) + b_u.to(final.dtype), rows))
+        out.append(fn(unembed(model, final[rows]), rows))  # W_U, b_U and any final-logit soft-cap
     return torch.cat(out)
 
 
@@ -126,11 +115,11 @@ class LogitDiff:
         return (logits[rows, 0, a.to(logits.device)] - logits[rows, 0, c.to(logits.device)]).float()
 
     def from_final(self, final: torch.Tensor, model: Any) -> torch.Tensor:
-        """``final[:, 0] . (W_U[:, a] - W_U[:, c]) + b_U[a] - b_U[c]``: two unembedding columns per row."""
-        w_u, b_u = unembed_weights(model)
-        a, c = (t.to(w_u.device) for t in self._tiled(final.shape[0]))
-        direction = (w_u[:, a] - w_u[:, c]).T.to(final.dtype)  # [rows, d_model]
-        return ((final[:, 0] * direction).sum(-1) + (b_u[a] - b_u[c]).to(final.dtype)).float()
+        """``final[:, 0] . (W_U[:, a] - W_U[:, c]) + b_U[a] - b_U[c]``: two unembedding columns per row
+        (each soft-capped first where the model caps its final logits:
+        :func:`~icl_circuits.patching.resume.unembed_ld`)."""
+        a, c = (t.to(final.device) for t in self._tiled(final.shape[0]))
+        return unembed_ld(model, final[:, 0], a, c).float()
 
 
 @dataclass(frozen=True)

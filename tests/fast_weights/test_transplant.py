@@ -8,7 +8,6 @@ import torch
 
 from icl_circuits.errors import InputError, TaskError
 from icl_circuits.fast_weights import decompose as fw
-from icl_circuits.shapes import expand_kv
 from tests.helpers import ARROW, SEP, fixture_tokens, require_fixture
 
 
@@ -97,19 +96,18 @@ def test_memory_read_of_its_own_prompt_is_the_demo_part(which, request):
     """Read by the prompt's own query, one prompt's softmax memory is exactly each head's demo part
     (``@ W_O``, as :func:`~icl_circuits.fast_weights.decompose.decompose` splits it), rotary
     and grouped-query included."""
-    from icl_circuits.fast_weights.transplant import demo_memory, memory_read
+    from icl_circuits.fast_weights.transplant import demo_memory, memory_read, reading_query_hook
 
     model = request.getfixturevalue(which)
     tokens = fixture_tokens(3, 3, seed=11)
     roles = fw.roles_from_tokens(tokens, arrow_id=ARROW, sep_id=SEP)
     dec = fw.decompose(model, tokens, roles)
-    qn, _ = fw.qk_hook_names(model)
     _, cache = model.run_with_cache(tokens)
     n_heads = int(model.cfg.n_heads)
     for p in range(tokens.shape[0]):
         mem = demo_memory(model, tokens[p : p + 1], fw.roles_from_tokens(tokens[p : p + 1], arrow_id=ARROW, sep_id=SEP))
         for l in range(int(model.cfg.n_layers)):
-            q = expand_kv(cache[f"blocks.{l}.attn.{qn}"], n_heads, dim=2)[p : p + 1, -1]  # [1, head, d_head]
+            q = cache[reading_query_hook(model, l)][p : p + 1, -1]  # [1, head, d_head], before rotation
             read = torch.einsum("bhe,hed->bhd", memory_read(mem, l, q), model.W_O[l].detach())
             idx = [dec.index((l, h)) for h in range(n_heads)]
             assert torch.allclose(read[0], dec.demo_part[p, idx], atol=1e-5)
