@@ -14,6 +14,8 @@ from icl_circuits.errors import InputError
 from tests import architecture_matrix as mx
 from tests.arch_models import ARCHS, build, load
 
+pytestmark = pytest.mark.fixture  # tiny random models of each architecture, built in the test
+
 # (architecture, cell) -> a phrase the refusal must contain: what the architecture does not support
 REFUSED = {
     ("gemma2", "AtP* QK fix"): "attention soft-capping",
