@@ -25,7 +25,7 @@ test-unit:
 	$(PYTHON) -m pytest -q -m unit tests
 
 lint:
-	$(PYTHON) -m ruff check icl_circuits tests fixtures analyses
+	$(PYTHON) -m ruff check icl_circuits tests fixtures analyses scripts
 	$(PYTHON) -m mypy icl_circuits
 
 bench:
