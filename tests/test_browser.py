@@ -44,9 +44,9 @@ def _head_scan_report(out: Path) -> Path:
     from icl_circuits import load_model
     from icl_circuits.heads.report import save_head_scan
     from icl_circuits.heads.scan import scan_heads
-    from tests.test_llama2c import _random_checkpoint
+    from tests.llama2c_reference import random_checkpoint
 
-    model = load_model(str(_random_checkpoint(out / "gqa.bin", L=3, n_kv=2, seq_len=40)), device="cpu")
+    model = load_model(str(random_checkpoint(out / "gqa.bin", L=3, n_kv=2, seq_len=40)), device="cpu")
     scan = scan_heads(model, seq_len=6, batch=4, seed=0, progress=False)
     return save_head_scan(scan, model, out)[1]
 
@@ -56,7 +56,8 @@ def _analysis_report(name: str) -> Callable[[Path], Path]:
 
     def build(out: Path) -> Path:
         from icl_circuits.analyze import ANALYSES, save_analysis
-        from tests.test_analyses import SMALL, load_fixture_like
+        from tests.analyze.conftest import load_fixture_like
+        from tests.analyze.test_run import SMALL
 
         model, _ = load_fixture_like(out / "model")
         result = ANALYSES[name].run(model, seed=0, progress=False, **SMALL[name])
@@ -67,7 +68,7 @@ def _analysis_report(name: str) -> Callable[[Path], Path]:
 
 def _fast_weights_report(out: Path) -> Path:
     from icl_circuits.cli import main
-    from tests.test_analyses import load_fixture_like
+    from tests.analyze.conftest import load_fixture_like
 
     _, model_dir = load_fixture_like(out / "model")
     args = ["fast-weights", "--model", str(model_dir), "--task", "fixture-recorded0", "--shots", "3", "--n", "8"]
