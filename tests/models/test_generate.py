@@ -57,7 +57,7 @@ def test_cached_generate_equals_uncached_on_tiny_gpt2(tiny_gpt2):
 
 @pytest.mark.shared
 def test_cached_generate_equals_uncached_on_llama2c(aidreams):
-    from tests.test_llama2c import GREEDY_IDS
+    from tests.models.test_llama2c import GREEDY_IDS
 
     tokens = torch.tensor([[1]])
     cached, uncached = _cached_and_uncached(aidreams, tokens, len(GREEDY_IDS))
