@@ -11,22 +11,12 @@ from icl_circuits import TaskError, TokenizationError
 from icl_circuits.tasks import corpus
 from icl_circuits.tasks.pairs import CORRUPTIONS, patching_batch
 from icl_circuits.tasks.registry import (
-    FewShot,
     FixtureTask,
     Pair,
     PairTask,
     Template,
     get_task,
 )
-
-words = st.text(alphabet="abcdefgh", min_size=1, max_size=3)
-
-
-@st.composite
-def examples(draw):
-    inputs = draw(st.lists(words, min_size=1, max_size=8, unique=True))
-    demos = tuple(Pair(x, draw(words)) for x in inputs[:-1])
-    return FewShot(demos, Pair(inputs[-1], draw(words)))
 
 
 @pytest.mark.fixture
