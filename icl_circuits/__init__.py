@@ -1,5 +1,12 @@
 """icl_circuits: mechanistic interpretability of in-context learning on TransformerLens 4."""
 
+import os as _os
+
+# OpenMP threads that busy-wait between parallel regions make torch 16-25x slower when another process
+# shares the cores (measured on 2 cores: README "Threads"); sleeping waits cost nothing measurable there.
+# Read once when torch loads, so it must precede the first torch import; a value the user set is kept.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from icl_circuits.errors import (
     CheckpointFormatError,
     ICLCircuitsError,

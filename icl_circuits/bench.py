@@ -75,6 +75,16 @@ def gpt2_small_random(seed: int = 0) -> Any:
     return load_model(tmp.name, device="cpu")
 
 
+def _demo_tokens(batch: int, shots: int, arrow: int, sep: int, seed: int = 0) -> torch.Tensor:
+    """``[batch, 1 + 4 * shots + 2]``: ``<bos> k -> v SEP ... kq ->`` with random keys and labels in ``10..999``."""
+    tokens = torch.randint(10, 1000, (batch, 1 + 4 * shots + 2), generator=torch.Generator().manual_seed(seed))
+    tokens[:, 0] = 0
+    for i in range(shots):
+        tokens[:, 1 + 4 * i + 1], tokens[:, 1 + 4 * i + 3] = arrow, sep
+    tokens[:, -1] = arrow
+    return tokens
+
+
 def bench_head_scan(quick: bool = False) -> list[BenchRow]:
     """Head scan of the GPT-2-small-sized model: batch 8 of ``[BOS, r, r]`` with ``|r| = 50``.
 
@@ -90,6 +100,8 @@ def bench_head_scan(quick: bool = False) -> list[BenchRow]:
     from icl_circuits.heads import scores as hd
     from icl_circuits.heads.scan import scan_heads
     from icl_circuits.io import generator
+    from icl_circuits.patching.ablation import InContextGain, mean_ablation_sweep
+    from icl_circuits.shapes import all_heads
 
     model = gpt2_small_random()
     batch, n = 8, 50
@@ -112,8 +124,8 @@ def bench_head_scan(quick: bool = False) -> list[BenchRow]:
         BenchRow("head_scan", "scan without ablation (+copying, composition)", t[2], "", None,
                  f"max induction {float(scan.scores['induction'].max()):.3f} (random weights)"),
     ]
-    all_heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-    subset = [(model.cfg.n_layers - 1, h) for h in range(model.cfg.n_heads)] if quick else all_heads
+    every = all_heads(model)
+    subset = [(model.cfg.n_layers - 1, h) for h in range(model.cfg.n_heads)] if quick else every
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names)
@@ -122,26 +134,26 @@ def bench_head_scan(quick: bool = False) -> list[BenchRow]:
     )
     del cache
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(hd.in_context_score(logits, tokens, n))
+    def metric(logits: torch.Tensor) -> torch.Tensor:  # the in-context gain early - late (nats)
+        return torch.tensor(-hd.in_context_score(logits, tokens, n))
 
     t = []
     with _timer(t):
-        ours = hd.mean_ablation_sweep(model, tokens, n, subset, progress=False).loss_effect
+        ours = mean_ablation_sweep(model, tokens, InContextGain(tokens, n), heads=subset).effect
     with _timer(t), torch.no_grad():
         index_df = pd.DataFrame(subset, columns=["layer", "head"])
         theirs = patching.generic_activation_patch(
             model, tokens, mean_cache, metric, patching.layer_head_vector_patch_setter, "z", index_df=index_df
         )
-    clean = hd.in_context_score(model(tokens).detach(), tokens, n)
+    clean = -hd.in_context_score(model(tokens).detach(), tokens, n)
     gap = max(abs(float(ours[l, h]) - (float(theirs[i]) - clean)) for i, (l, h) in enumerate(subset))
     what = f"mean-ablation sweep ({len(subset)} heads)"
     rows.append(BenchRow("head_scan", what, t[0], "generic_activation_patch (z)", t[1],
                          f"max |ours - TL| = {gap:.1e} nats"))
     if quick:
-        est = t[0] * len(all_heads) / len(subset) + rows[1].ours_s
+        est = t[0] * len(every) / len(subset) + rows[1].ours_s
         rows.append(BenchRow("head_scan", "scan with ablation (144 heads)", est, "", None,
-                             f"ESTIMATE: {len(subset)}-head sweep x {len(all_heads) // len(subset)} + scan"))
+                             f"ESTIMATE: {len(subset)}-head sweep x {len(every) // len(subset)} + scan"))
     else:
         rows.append(BenchRow("head_scan", "scan with ablation (144 heads)", rows[1].ours_s + t[0], "", None,
                              "scan without ablation + the sweep above"))
@@ -160,13 +172,8 @@ def bench_fast_weights(quick: bool = False) -> list[BenchRow]:
     from icl_circuits.fast_weights import decompose as fw
 
     model = gpt2_small_random()
-    gen = torch.Generator().manual_seed(0)
     batch, shots, arrow, sep = 8, 8, 3, 4
-    tokens = torch.randint(10, 1000, (batch, 1 + 4 * shots + 2), generator=gen)
-    tokens[:, 0] = 0
-    for i in range(shots):
-        tokens[:, 1 + 4 * i + 1], tokens[:, 1 + 4 * i + 3] = arrow, sep
-    tokens[:, -1] = arrow
+    tokens = _demo_tokens(batch, shots, arrow, sep)
     roles = fw.roles_from_tokens(tokens, arrow_id=arrow, sep_id=sep)
     layers = range(3) if quick else range(model.cfg.n_layers)
     heads = [(l, h) for l in layers for h in range(model.cfg.n_heads)]
@@ -321,18 +328,13 @@ def bench_analyses(quick: bool = False) -> list[BenchRow]:
     import pandas as pd
     from transformer_lens import ActivationCache, patching
 
-    from icl_circuits.analyze.ablation import head_ablation_effects
     from icl_circuits.analyze.base import head_logit_attribution
     from icl_circuits.analyze.information_flow import saliency
+    from icl_circuits.patching.ablation import LogitDiff, mean_ablation_sweep
 
     model = gpt2_small_random()
-    gen = torch.Generator().manual_seed(0)
     batch, shots, arrow, sep = 8, 8, 3, 4
-    tokens = torch.randint(10, 1000, (batch, 1 + 4 * shots + 2), generator=gen)
-    tokens[:, 0] = 0
-    for i in range(shots):
-        tokens[:, 1 + 4 * i + 1], tokens[:, 1 + 4 * i + 3] = arrow, sep
-    tokens[:, -1] = arrow
+    tokens = _demo_tokens(batch, shots, arrow, sep)
     answers, contrasts = tokens[:, 3], tokens[:, 7]
     rows_idx = torch.arange(batch)
     with torch.no_grad():
@@ -362,7 +364,8 @@ def bench_analyses(quick: bool = False) -> list[BenchRow]:
 
     t = []
     with _timer(t):
-        eff = head_ablation_effects(model, tokens, answers, contrasts, heads=heads, batch_size=batch)
+        ld = LogitDiff(answers, contrasts, torch.full((batch,), tokens.shape[1] - 1))
+        eff = mean_ablation_sweep(model, tokens, ld, heads=heads).effect
     with _timer(t), torch.no_grad():
         index_df = pd.DataFrame(heads, columns=["layer", "head"])
         setter = patching.layer_head_vector_patch_setter

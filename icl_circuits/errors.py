@@ -38,3 +38,11 @@ class PromptTooLongError(ICLCircuitsError, ValueError):
 
 class InputError(ICLCircuitsError, ValueError):
     """Any other malformed argument: shapes, ranges, head names."""
+
+
+class OutputError(ICLCircuitsError, OSError):
+    """An output path that cannot be written: an existing file where a folder is needed, a path under a
+    file, a read-only or virtual file system. Also an ``OSError`` (``filename`` is the path)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()

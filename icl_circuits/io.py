@@ -1,10 +1,12 @@
-"""Output helpers: atomic writes and the provenance block every result records.
+"""Output helpers: output-folder checks, atomic writes and the provenance block every result records.
 
 Nothing half-written on failure: files are written to a temporary sibling and renamed into place.
+Every ``OSError`` of a write becomes an :class:`~icl_circuits.errors.OutputError` naming the path.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -15,27 +17,82 @@ from typing import Any
 import numpy as np
 import torch
 
+from icl_circuits.errors import OutputError
+
+
+def check_output_dir(path: str | os.PathLike[str]) -> Path:
+    """Check that ``path`` can be (or already is) a folder we can write in, creating nothing.
+
+    Accepts an existing folder or a path whose missing parts can be created: the nearest existing
+    ancestor must be a folder in which a probe folder can be made (and is removed at once), which
+    also catches read-only and virtual file systems such as ``/proc`` where permissions say yes.
+
+    Raises:
+        OutputError: empty path, an existing file, a path under a file, or an unwritable place.
+    """
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise OutputError(errno.EINVAL, f"output folder must be a non-empty path, got {text!r}", str(text))
+    folder = Path(text).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(
+            errno.EEXIST, f"output folder {str(text)!r} is an existing file; give a folder (files are written in it)",
+            str(text),
+        )  # fmt: skip
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(
+            errno.ENOTDIR, f"output folder {str(text)!r}: {str(ancestor)!r} is a file, not a folder", str(text)
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".icl_circuits_probe_", dir=ancestor))
+    except OSError as e:
+        raise OutputError(
+            e.errno, f"output folder {str(text)!r}: cannot write under {str(ancestor)!r} ({e.strerror})", str(text)
+        ) from e
+    return folder
+
+
+def _output_error(path: Path, e: OSError) -> OutputError:
+    return OutputError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}", str(path))
+
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    """Write ``text`` to ``path`` (parents created) through a temporary file in the same folder, flushed to
+    disk, then ``os.replace``: readers see the old file or the whole new one, never a part; on any failure
+    the temporary file is removed and an existing ``path`` is left as it was.
+
+    Raises:
+        OutputError: the path cannot be written (an ``OSError`` naming the path).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _output_error(path, e) from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise _output_error(path, e) from e
         raise
     return path
 
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Serialise ``data`` (NaN-free JSON, 2-space indent) and write it atomically."""
+    """Serialise ``data`` (NaN-free JSON, 2-space indent) first, then write it atomically: a value that
+    cannot be serialised raises before anything (even the folder) is created."""
     return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n")
 
 

@@ -96,3 +96,17 @@ def forward(path: Path, tokens: list[int]) -> torch.Tensor:
         h = rms(x, w["rms_ffn"][l])
         x = x + (torch.nn.functional.silu(h @ w["w1"][l].T) * (h @ w["w3"][l].T)) @ w["w2"][l].T
     return rms(x, w["rms_final"]) @ w["wcls"].T
+
+
+def random_checkpoint(path, *, dim=32, hidden=48, L=2, n_heads=4, n_kv=2, vocab=40, seq_len=24, shared=False, seed=0):
+    """A random llama2.c checkpoint at ``path`` (weights ~ N(0, 0.3), norms ~ 1); ``shared``: tied classifier."""
+    rng = np.random.default_rng(seed)
+    w = {
+        k: rng.normal(0, 0.3, size=s).astype(np.float32)
+        for k, s in shapes(dim, hidden, L, n_heads, n_kv, vocab, seq_len, shared).items()
+    }
+    w["rms_att"] = 1 + 0.1 * w["rms_att"]
+    w["rms_ffn"] = 1 + 0.1 * w["rms_ffn"]
+    w["rms_final"] = 1 + 0.1 * w["rms_final"]
+    write(path, (dim, hidden, L, n_heads, n_kv, vocab if shared else -vocab, seq_len), w)
+    return path

@@ -39,3 +39,17 @@ def random_gpt2(folder: Path, *, seed: int = 0, n_layers: int = 3, vocab: int = 
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def make_pairs(seed, batch=3, n_pos=9, vocab=40, changed=(2, 5)):
+    """Random clean tokens; corrupted differs at ``changed``; answers/contrasts; ragged answer positions."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(3, vocab, (batch, n_pos), generator=g)
+    corrupted = clean.clone()
+    for p in changed:
+        corrupted[:, p] = (clean[:, p] + torch.randint(1, vocab - 3, (batch,), generator=g) - 3) % (vocab - 3) + 3
+    answer = torch.randint(3, vocab, (batch,), generator=g)
+    contrast = (answer - 3 + torch.randint(1, vocab - 3, (batch,), generator=g)) % (vocab - 3) + 3
+    positions = torch.full((batch,), n_pos - 1)
+    positions[1:2] = n_pos - 2  # one right-padded example (when batch > 1)
+    return clean, corrupted, answer, contrast, positions

@@ -1,7 +1,7 @@
 """Every kind of HTML report opens in headless Chromium offline, renders its plots and views, logs no JS errors.
 
 Screenshots land in ``out/screenshots/`` for inspection. Chromium comes from Debian's ``chromium``
-package (``.ci/run`` installs it); without it these tests skip with that reason.
+package (``.ci/run`` installs it); without it these tests skip with that reason, and in CI (``CI=true``) fail.
 """
 
 from __future__ import annotations
@@ -14,12 +14,19 @@ import pytest
 import torch
 
 from tests.browser import chromium, render
+from tests.helpers import skip_or_fail_in_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "out" / "screenshots"
 REMOTE_SCRIPT = re.compile(r"<script[^>]+src=[\"']?(https?:)?//", re.IGNORECASE)
 
-pytestmark = pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(autouse=True)
+def _needs_chromium() -> None:
+    if chromium() is None:
+        skip_or_fail_in_ci("chromium is not installed (apt-get install chromium)")
 
 
 def _basic_report(out: Path) -> Path:
@@ -37,9 +44,9 @@ def _head_scan_report(out: Path) -> Path:
     from icl_circuits import load_model
     from icl_circuits.heads.report import save_head_scan
     from icl_circuits.heads.scan import scan_heads
-    from tests.test_llama2c import _random_checkpoint
+    from tests.llama2c_reference import random_checkpoint
 
-    model = load_model(str(_random_checkpoint(out / "gqa.bin", L=3, n_kv=2, seq_len=40)), device="cpu")
+    model = load_model(str(random_checkpoint(out / "gqa.bin", L=3, n_kv=2, seq_len=40)), device="cpu")
     scan = scan_heads(model, seq_len=6, batch=4, seed=0, progress=False)
     return save_head_scan(scan, model, out)[1]
 
@@ -49,7 +56,8 @@ def _analysis_report(name: str) -> Callable[[Path], Path]:
 
     def build(out: Path) -> Path:
         from icl_circuits.analyze import ANALYSES, save_analysis
-        from tests.test_analyses import SMALL, load_fixture_like
+        from tests.analyze.conftest import load_fixture_like
+        from tests.analyze.test_run import SMALL
 
         model, _ = load_fixture_like(out / "model")
         result = ANALYSES[name].run(model, seed=0, progress=False, **SMALL[name])
@@ -60,7 +68,7 @@ def _analysis_report(name: str) -> Callable[[Path], Path]:
 
 def _fast_weights_report(out: Path) -> Path:
     from icl_circuits.cli import main
-    from tests.test_analyses import load_fixture_like
+    from tests.analyze.conftest import load_fixture_like
 
     _, model_dir = load_fixture_like(out / "model")
     args = ["fast-weights", "--model", str(model_dir), "--task", "fixture-recorded0", "--shots", "3", "--n", "8"]

@@ -7,17 +7,18 @@ report :class:`~icl_circuits.report.Section` s whose readings are sentences comp
 and :meth:`Analysis.findings` -- the few numbers ``record-vs-circuit`` puts side by side.
 
 Readouts at the answer position ``t`` of each right-padded prompt (a causal model's logits there do
-not see the padding): :func:`answer_logits` ``[batch, d_vocab]`` (the same numbers as
-:func:`icl_circuits.tasks.scoring.score_tokens` uses; :func:`scores_from_logits` gives its
-:class:`~icl_circuits.tasks.scoring.Scores`), :func:`label_log_probs` (log-probabilities renormalised over a
-task's label tokens) and :func:`head_logit_attribution` (direct logit attribution of every head).
+not see the padding): the shared ones live in :mod:`icl_circuits.tasks.scoring` (``padded_batch``,
+``batch_chunks``, ``answer_logits`` ``[batch, d_vocab]``, ``scores_from_logits``); here only
+:func:`head_logit_attribution` (direct logit attribution of every head); label log-probabilities
+and the shrink coefficient are :func:`icl_circuits.tasks.scoring.label_log_probs` and
+:func:`~icl_circuits.tasks.scoring.shrink_coefficient`.
 
 Cost: one forward per ``batch_size`` prompts for each readout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -25,8 +26,7 @@ import torch
 from icl_circuits.errors import InputError, TaskError, TokenizationError
 from icl_circuits.report import Section, table_html
 from icl_circuits.tasks import corpus
-from icl_circuits.tasks.prompts import pad_right, pad_token_id
-from icl_circuits.tasks.scoring import Scores
+from icl_circuits.tasks.scoring import batch_chunks, padded_batch
 
 
 @runtime_checkable
@@ -155,72 +155,6 @@ def check_positive(**values: int) -> None:
 
 
 # ---------------------------------------------------------------- readouts at the answer position
-
-
-def padded_batch(
-    model: Any, tokens: Sequence[Sequence[int]] | torch.Tensor, last: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``tokens [batch, pos]`` (right-padded when given ragged lists) and ``last_positions [batch]``."""
-    if isinstance(tokens, torch.Tensor):
-        if tokens.ndim != 2 or tokens.is_floating_point():
-            raise InputError(f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)}")
-        full = torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long)
-        return tokens.long(), (full if last is None else last.long())
-    return pad_right(tokens, pad_token_id(model))
-
-
-def batch_chunks(
-    tokens: torch.Tensor, last: torch.Tensor, batch_size: int
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """``(rows, chunk [b, width], last [b])`` with columns that are padding for the whole chunk dropped."""
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    for lo in range(0, tokens.shape[0], batch_size):
-        pos = last[lo : lo + batch_size]
-        yield slice(lo, lo + len(pos)), tokens[lo : lo + batch_size, : int(pos.max()) + 1], pos
-
-
-@torch.no_grad()
-def answer_logits(
-    model: Any,
-    tokens: Sequence[Sequence[int]] | torch.Tensor,
-    last_positions: torch.Tensor | None = None,
-    *,
-    batch_size: int = 32,
-    fwd_hooks: Sequence[tuple[str, Any]] = (),
-) -> torch.Tensor:
-    """``[batch, d_vocab]`` float32 logits at each prompt's last position (ragged lists or ``[batch, pos]``).
-
-    ``fwd_hooks`` are applied inside ``model.hooks(...)`` for every chunk (removed afterwards); a
-    hook sees the chunk ``[b, width, ...]``, with ``width`` the chunk's longest prompt.
-    """
-    padded, last = padded_batch(model, tokens, last_positions)
-    device = getattr(model.cfg, "device", None) or "cpu"
-    out = []
-    for _, chunk, pos in batch_chunks(padded, last, batch_size):
-        with model.hooks(fwd_hooks=list(fwd_hooks)):
-            logits = model(chunk.to(device))
-        out.append(logits[torch.arange(len(chunk)), pos.to(logits.device)].float().cpu())
-    return torch.cat(out)
-
-
-def scores_from_logits(final: torch.Tensor, answer_ids: torch.Tensor, contrast_ids: torch.Tensor) -> Scores:
-    """:class:`~icl_circuits.tasks.scoring.Scores` from ``final [batch, d_vocab]`` (the definitions of
-    :mod:`icl_circuits.tasks.scoring`: argmax correct, strict rank, ``logit[a] - logit[c]``, softmax prob)."""
-    a, c = answer_ids.long()[:, None], contrast_ids.long()[:, None]
-    ans = final.gather(1, a)[:, 0]
-    return Scores(
-        correct=final.argmax(-1) == answer_ids,
-        rank=(final > ans[:, None]).sum(-1),
-        logit_diff=ans - final.gather(1, c)[:, 0],
-        prob=final.softmax(-1).gather(1, a)[:, 0],
-    )
-
-
-def label_log_probs(final: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
-    """``[batch, n_labels]``: log-softmax of ``final [batch, d_vocab]`` restricted to ``label_ids [n_labels]``
-    (renormalised over the labels, as Zhao et al. 2021 read label probabilities)."""
-    return final[:, label_ids.long()].log_softmax(-1)
 
 
 @torch.no_grad()

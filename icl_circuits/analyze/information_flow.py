@@ -34,15 +34,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import (
-    AnalysisMixin,
-    batch_chunks,
-    check_positive,
-    fmt,
-    padded_batch,
-    pick_tasks,
-    uses_corpus_vocab,
-)
+from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, pick_tasks, uses_corpus_vocab
 from icl_circuits.errors import InputError
 from icl_circuits.heads.scan import token_labels
 from icl_circuits.models import model_info
@@ -50,6 +42,7 @@ from icl_circuits.report import Section, attention_html, figure_html, table_html
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
 from icl_circuits.tasks.roles import roles_from_prompts
+from icl_circuits.tasks.scoring import batch_chunks, padded_batch
 
 FIXTURE_TASKS = ("fixture-bound", "fixture-rule")
 FLOWS = ("S_wp", "S_pq", "S_ww")

@@ -12,7 +12,7 @@ demos); for other models ``country-capital`` and ``antonym``.
 
 **Induction-head ablation.** The heads :func:`icl_circuits.heads.scan.scan_heads` classifies as
 induction heads (its :class:`~icl_circuits.heads.scan.RoleThresholds`) are mean-ablated together on
-``hook_z`` (:mod:`icl_circuits.analyze.ablation`; means over the same condition's prompts). Control:
+``hook_z`` (:mod:`icl_circuits.patching.ablation`; means over the same condition's prompts). Control:
 as many heads drawn at random among the others (``n_controls`` draws, seeded, averaged).
 
 **Dependence.** A condition *depends on the circuit* when removing the induction heads takes away at
@@ -33,22 +33,15 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.ablation import ablated_logits, check_heads, mean_z
-from icl_circuits.analyze.base import (
-    AnalysisMixin,
-    answer_logits,
-    check_positive,
-    fmt,
-    head_name,
-    pick_tasks,
-    scores_from_logits,
-    uses_corpus_vocab,
-)
+from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, head_name, pick_tasks, uses_corpus_vocab
 from icl_circuits.models import model_info
+from icl_circuits.patching.ablation import ablated_logits, mean_z
 from icl_circuits.report import Section, figure_html, table_html
+from icl_circuits.shapes import all_heads, check_model_heads
 from icl_circuits.tasks import corpus
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
+from icl_circuits.tasks.scoring import answer_logits, scores_from_logits
 
 FIXTURE_TASKS = ("fixture-recorded", "fixture-bound", "fixture-rule")
 SYMBOLS: tuple[str, ...] = corpus.UPPER
@@ -187,9 +180,8 @@ def run_label_binding(
     if heads is None:
         chosen, source = find_induction_heads(model, seed, ablation=scan_ablation)
     else:
-        chosen, source = check_heads(model, heads), "given"
-    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    others = [(l, h) for l in range(L) for h in range(H) if (l, h) not in chosen]
+        chosen, source = check_model_heads(model, heads), "given"
+    others = [lh for lh in all_heads(model) if lh not in chosen]
     gen = torch.Generator().manual_seed(seed)
     controls = [[others[int(i)] for i in torch.randperm(len(others), generator=gen)[: len(chosen)]]
                 for _ in range(n_controls)] if chosen and len(others) >= len(chosen) else []  # fmt: skip

@@ -42,13 +42,11 @@ from tqdm.auto import tqdm
 
 from icl_circuits.analyze.base import (
     AnalysisMixin,
-    answer_logits,
     change,
     check_positive,
     fmt,
     head_logit_attribution,
     head_name,
-    label_log_probs,
     pick_tasks,
     uses_corpus_vocab,
 )
@@ -58,6 +56,7 @@ from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.tasks import corpus
 from icl_circuits.tasks.prompts import CheckedTask, check_length, check_task, encode, render_prompt
 from icl_circuits.tasks.registry import FewShot, FixtureTask, Pair, PairTask, Task, get_task
+from icl_circuits.tasks.scoring import answer_logits, label_log_probs
 
 FIXTURE_TASKS = ("fixture-bound", "fixture-rule")
 METRICS = ("accuracy", "label_accuracy", "calibrated_accuracy", "logit_diff", "calibrated_logit_diff")

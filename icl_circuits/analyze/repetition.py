@@ -28,16 +28,7 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import (
-    AnalysisMixin,
-    answer_logits,
-    change,
-    check_positive,
-    fmt,
-    head_name,
-    pick_tasks,
-    scores_from_logits,
-)
+from icl_circuits.analyze.base import AnalysisMixin, change, check_positive, fmt, head_name, pick_tasks
 from icl_circuits.errors import PromptTooLongError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.predictions import measure_predictions
@@ -46,6 +37,7 @@ from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
 from icl_circuits.tasks.roles import render_examples
+from icl_circuits.tasks.scoring import answer_logits, scores_from_logits
 
 FIXTURE_TASKS = ("fixture-bound", "fixture-rule")
 REPEATS = (1, 2, 3)

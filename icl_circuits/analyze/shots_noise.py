@@ -11,13 +11,14 @@ vocabulary; ``logit_diff = logit[answer] - logit[contrast]`` with the contrast o
 demonstrations moves its prediction back toward its prior predictive; for a model, that is its
 prediction *without* demos -- the zero-shot prompt with the same query, the mean over the tasks it
 was trained on. With label log-probabilities ``log q`` (log-softmax over the task's label tokens,
-:func:`~icl_circuits.analyze.base.label_log_probs`) and the in-context update
+:func:`~icl_circuits.tasks.scoring.label_log_probs`) and the in-context update
 ``u_p,b = log q(p-noisy prompt b) - log q(zero-shot prompt b)``::
 
     beta_p = sum_b <u_p,b, u_0,b> / sum_b |u_0,b|^2
 
-the update's component along the clean update (the fast-weight predictions of
-:mod:`icl_circuits.fast_weights.predictions` use the same coefficient over the full vocabulary).
+the update's component along the clean update (:func:`icl_circuits.tasks.scoring.shrink_coefficient`
+with ``labels``; the fast-weight predictions of :mod:`icl_circuits.fast_weights.predictions` use the same
+function normalised over the full vocabulary, ``labels=None``).
 Sign: ``beta = 1`` no shrink (``p = 0`` by construction), ``0`` back at the zero-shot prediction,
 ``< 0`` past it. Also ``KL(q_p || q_zero-shot)`` and the label-probability of the clean answer.
 
@@ -36,12 +37,10 @@ from tqdm.auto import tqdm
 
 from icl_circuits.analyze.base import (
     AnalysisMixin,
-    answer_logits,
     change,
     check_positive,
     finite,
     fmt,
-    label_log_probs,
     pick_tasks,
     uses_corpus_vocab,
 )
@@ -50,7 +49,7 @@ from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.tasks.prompts import CheckedTask, build_prompts, check_task, render_prompt
 from icl_circuits.tasks.registry import FewShot, get_task
-from icl_circuits.tasks.scoring import evaluate
+from icl_circuits.tasks.scoring import answer_logits, evaluate, label_log_probs, shrink_coefficient
 
 FIXTURE_TASKS = ("fixture-rule", "fixture-bound")
 FIXTURE_SHOTS = (0, 1, 2, 4, 8, 12)
@@ -197,13 +196,6 @@ class ShotsAndNoise(AnalysisMixin):
         }
 
 
-def shrink_coefficient(logq: torch.Tensor, logq_clean: torch.Tensor, logq_zero: torch.Tensor) -> float:
-    """``beta = sum_b <u_b, u0_b> / sum_b |u0_b|^2`` with ``u = logq - logq_zero`` and ``u0 = logq_clean -
-    logq_zero`` (all ``[batch, n_labels]``): 1 = the clean update, 0 = back at the zero-shot prediction."""
-    u, u0 = logq - logq_zero, logq_clean - logq_zero
-    return float((u * u0).sum() / u0.pow(2).sum().clamp_min(1e-30))
-
-
 def _zero_shot_ids(model: Any, checked: CheckedTask, examples: Sequence[FewShot]) -> list[list[int]]:
     return [render_prompt(model, FewShot((), ex.query), checked)[1] for ex in examples]
 
@@ -212,15 +204,17 @@ def _shrink_rows(model: Any, checked: CheckedTask, task: str, k: int, n: int, se
                  noise: Sequence[float], batch_size: int) -> list[dict[str, Any]]:  # fmt: skip
     labels = torch.tensor(sorted(set(checked.answer_ids.values())))
     clean = build_prompts(model, checked, k, n, seed)
-    zero = label_log_probs(answer_logits(model, _zero_shot_ids(model, checked, [p.example for p in clean.prompts]),
-                                         batch_size=batch_size), labels)  # fmt: skip
+    final_zero = answer_logits(model, _zero_shot_ids(model, checked, [p.example for p in clean.prompts]),
+                               batch_size=batch_size)  # fmt: skip
+    zero = label_log_probs(final_zero, labels)
     answer_col = (clean.answer_ids[:, None] == labels[None]).float().argmax(-1)  # [batch]: the answer's label index
-    rows, logq_clean = [], None
+    rows, final_clean = [], None
     for p in noise:
         ps = clean if p == 0 else build_prompts(model, checked, k, n, seed, noise=p)
-        logq = label_log_probs(answer_logits(model, ps.tokens, batch_size=batch_size), labels)
-        logq_clean = logq if logq_clean is None else logq_clean
-        beta = shrink_coefficient(logq, logq_clean, zero)
+        final = answer_logits(model, ps.tokens, batch_size=batch_size)
+        logq = label_log_probs(final, labels)
+        final_clean = final if final_clean is None else final_clean
+        beta = shrink_coefficient(final, final_clean, final_zero, labels)  # renormalised over the task's labels
         kl = float((logq.exp() * (logq - zero)).sum(-1).mean())
         rows.append({
             "task": task, "shots": k, "noise": float(p), "flipped": round(p * k) / k,

@@ -13,14 +13,15 @@ unseen, their substituted variants are added.
 task and averaged per group.
 
 **Heads responsible.** At ``head_shots`` demos, each head is mean-ablated alone
-(:func:`icl_circuits.analyze.ablation.head_ablation_effects`); its effect is the change of the mean
-logit difference ``LD = logit[answer] - logit[contrast]`` (negative: the head supports the answer),
+(:func:`icl_circuits.patching.ablation.mean_ablation_sweep`, metric
+:class:`~icl_circuits.patching.ablation.LogitDiff`); its effect is the change of the mean logit
+difference ``LD = logit[answer] - logit[contrast]``, ablated minus clean (negative: the head supports the answer),
 averaged over the tasks of a group. The heads with the most negative effect on unseen tasks are the
 ones responsible; the Pearson correlation of the per-head effects between the groups says whether
 seen and unseen tasks use the same heads.
 
-Cost: ``len(tasks) * len(shots)`` sets of ``n`` prompts, then ``n_layers * n_heads + 2`` forwards
-of ``n`` prompts per task for the ablations.
+Cost: ``len(tasks) * len(shots)`` sets of ``n`` prompts, then per task one forward of ``n`` prompts
+and each layer's heads tiled into a run resumed at that layer (the sweep's cost).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.ablation import head_ablation_effects
 from icl_circuits.analyze.base import (
     AnalysisMixin,
     change,
@@ -44,12 +44,13 @@ from icl_circuits.analyze.base import (
 )
 from icl_circuits.errors import InputError, PromptTooLongError
 from icl_circuits.models import model_info
+from icl_circuits.patching.ablation import LogitDiff, mean_ablation_sweep
 from icl_circuits.patching.atp import pearson
 from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.tasks import corpus
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import SUBSTITUTED_SUFFIX, corpus_config_for, get_task
-from icl_circuits.tasks.scoring import evaluate
+from icl_circuits.tasks.scoring import evaluate, padded_batch
 
 FIXTURE_SHOTS = (0, 1, 2, 4, 8)
 GROUPS = ("seen", "unseen")
@@ -236,7 +237,9 @@ def run_unseen_task(
         if k >= 1:
             used.append(k)
             ps = build_prompts(model, checked, k, n, seed + k)
-            eff = head_ablation_effects(model, ps.tokens, ps.answer_ids, ps.contrast_ids, batch_size=batch_size)
+            padded, last = padded_batch(model, ps.tokens)
+            ld = LogitDiff(ps.answer_ids, ps.contrast_ids, last)
+            eff = mean_ablation_sweep(model, padded, ld, last_positions=last).effect
             sums.setdefault(groups[name], []).append(eff)
     effects = {g: torch.stack(v).mean(0) for g, v in sums.items()}
     return UnseenTask(model_info(model).spec, seed, n, max(used, default=head_shots), tuple(rows), effects)

@@ -32,6 +32,7 @@ import torch
 
 from icl_circuits.errors import InputError
 from icl_circuits.patching.resume import answer_direction
+from icl_circuits.shapes import check_heads
 from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles
 
 KINDS = ("dla", "norm")
@@ -142,11 +143,7 @@ def demo_attribution(
     batch = tokens.shape[0]
     if answer_tokens.shape != (batch,) or contrast_tokens.shape != (batch,):
         raise InputError(f"answer_tokens and contrast_tokens must be [batch={batch}]")
-    if not heads:
-        raise InputError("no heads to attribute")
-    for l, h in heads:
-        if not (0 <= l < n_layers and 0 <= h < n_heads):
-            raise InputError(f"head L{l}H{h} is outside the model ({n_layers} layers x {n_heads} heads)")
+    heads = check_heads(heads, n_layers, n_heads, allow_empty=False)
     layers = sorted({l for l, _ in heads})
     names = {f"blocks.{l}.attn.hook_{a}" for l in layers for a in ("pattern", "v")} | {"ln_final.hook_scale"}
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)

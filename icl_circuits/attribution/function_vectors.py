@@ -42,10 +42,9 @@ from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
 from icl_circuits.patching.atp import spearman
-from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations, unembed
+from icl_circuits.shapes import Head, check_heads
 from icl_circuits.tasks.registry import Task
-
-Head = tuple[int, int]
 
 
 def _label(head: Head) -> str:
@@ -176,12 +175,8 @@ def function_vector(model: Any, heads: Sequence[Head], mean_z: torch.Tensor) -> 
     w_o = model.W_O.detach()  # [layer, head, d_head, d_model]
     if tuple(mean_z.shape) != tuple(w_o.shape[:3]):
         raise InputError(f"mean_z must be [layer, head, d_head] = {list(w_o.shape[:3])}, got {list(mean_z.shape)}")
-    if not heads:
-        raise InputError("heads is empty: give at least one (layer, head)")
     out = torch.zeros(w_o.shape[-1], dtype=w_o.dtype, device=w_o.device)
-    for l, h in heads:
-        if not (0 <= l < w_o.shape[0] and 0 <= h < w_o.shape[1]):
-            raise InputError(f"head ({l}, {h}) outside the model ({w_o.shape[0]} layers x {w_o.shape[1]} heads)")
+    for l, h in check_heads(heads, w_o.shape[0], w_o.shape[1], allow_empty=False):
         out += mean_z[l, h].to(w_o) @ w_o[l, h]
     return out
 
@@ -201,11 +196,7 @@ def _answer_probs(
     if len(seen) != 1:
         raise InputError(f"the final norm ran {len(seen)} times in a resumed run; cannot read probabilities")
     normed = seen[0].reshape(x.shape[0], -1).detach()  # [rows, d_model]
-    w_u = model.W_U.detach()
-    logits = normed @ w_u
-    b_u = getattr(model, "b_U", None)
-    if b_u is not None:
-        logits = logits + b_u.detach()
+    logits = unembed(model, normed)  # W_U, b_U and any final-logit soft-cap
     n = x.shape[0] // run.batch
     return torch.softmax(logits.float(), dim=-1)[torch.arange(x.shape[0]), answer_tokens.repeat(n)]
 
@@ -267,7 +258,7 @@ def head_mean_patch(
         per_chunk = max(1, max_rows // batch)
         jobs = [(l, list(range(j, min(j + per_chunk, n_heads)))) for l in range(n_layers)
                 for j in range(0, n_heads, per_chunk)]  # fmt: skip
-        out = torch.empty(n_layers, n_heads, batch)
+        out = torch.empty(n_layers, n_heads, batch, device=p_base.device)  # the model's device
         rows = torch.arange(batch)
         for l, heads in tqdm(jobs, desc="mean-output patching", unit="fwd", disable=not progress):
             value = mean_z[l].to(run.acts[f"blocks.{l}.attn.hook_z"])

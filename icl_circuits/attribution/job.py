@@ -21,6 +21,7 @@ independently: the token ids and answers are in it) and a self-contained ``attri
 from __future__ import annotations
 
 import html
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,9 @@ class Attribution:
     induction_scores: torch.Tensor | None  # [layer, head] from the head scan
     induction_heads: tuple[tuple[int, int], ...]
     paths: dict[str, PatchEffects] = field(default_factory=dict)  # receiver input -> senders [layer, head]
-    path_receiver: tuple[int, int] | None = None
+    path_receiver: tuple[int, int] | None = None  # a query head; its k/v are those of its key/value head
     function_vectors: Any = None  # FunctionVectorHeads when requested
+    notes: tuple[str, ...] = ()  # what was skipped or is unreliable, and why (also printed as warnings)
 
     @property
     def primary(self) -> str:
@@ -167,6 +169,7 @@ class Attribution:
             doc["positions"] = [
                 {"layer": int(r.layer), "pos": int(r.pos), "token": self.token_strs[int(r.pos)],
                  "role": ROLE_NAMES[role[int(r.pos)]] if role[int(r.pos)] >= 0 else "unknown",
+                 "demo": int(self.roles.demo_index[0, int(r.pos)]) if self.roles is not None else -1,
                  "effect": float(r.effect), "ci_low": float(r.ci_low), "ci_high": float(r.ci_high)}
                 for r in df.itertuples()
             ]  # fmt: skip
@@ -176,6 +179,7 @@ class Attribution:
             assert self.path_receiver is not None
             doc["paths"] = {"receiver": list(self.path_receiver),
                             "inputs": {k: self._head_rows(v) for k, v in self.paths.items()}}  # fmt: skip
+        doc["notes"] = list(self.notes)
         doc["induction_heads"] = [list(h) for h in self.induction_heads]
         if self.induction_scores is not None:
             doc["induction_scores"] = self.induction_scores.tolist()
@@ -242,16 +246,32 @@ def attribute(
         names = {"atp": "atp", "atp_star": "atp*"}
         correlations = {names[k]: {"pearson": agree.pearson[k], "spearman": agree.spearman[k]}
                         for k in agree.pearson if k in names}  # fmt: skip
+    notes: list[str] = []
+    roles, why = _roles(model, batch, _template(model, task))
+    if why:
+        notes.append(f"per-demo attribution skipped: {why}")
     pos = None
     if positions and exact is not None:
-        pos = activation_patch(*args, "resid_pre", per_position=True, progress=progress, **kw)
-    roles = _roles(model, batch, _template(model, task))
+        aligned = _aligned_by_role(roles, batch)
+        if aligned:
+            notes.append(f"residual stream by position skipped: {aligned}")
+        else:
+            pos = activation_patch(*args, "resid_pre", per_position=True, progress=progress, **kw)
+    primary_eff = exact if exact is not None else (atp.estimate("atp") if atp is not None else None)
+    if primary_eff is not None:
+        ld_gap = float((primary_eff.clean_logit_diff - primary_eff.corrupted_logit_diff).mean())
+        scale = float(primary_eff.clean_logit_diff.abs().mean()) + 1e-6
+        if ld_gap <= 0 or abs(ld_gap) < 1e-2 * scale:
+            notes.append(f"the clean-corrupted logit-difference gap is {ld_gap:+.3g} (clean LD mean {scale:.3g}): "
+                         "normalised effects divide by it and are unreliable")  # fmt: skip
+    if atp is not None:
+        notes.extend(f"AtP: {n}" for n in atp.notes)
     scan = scan_heads(model, ablation=False, progress=False, seed=seed)
     att = Attribution(
         model=model_info(model).spec, task=batch.task, n_shots=n_shots, corruption=corruption, direction=direction,
         seed=seed, batch=batch, roles=roles, token_strs=tuple(token_labels(model, batch.clean_tokens[0])),
         heads=heads, correlations=correlations, positions=pos, demos=None,
-        induction_scores=scan.scores["induction"], induction_heads=tuple(scan.induction_heads),
+        induction_scores=scan.scores["induction"], induction_heads=tuple(scan.induction_heads), notes=tuple(notes),
     )  # fmt: skip
     top = att.top_heads(top_k)
     extra: dict[str, Any] = {}
@@ -262,13 +282,40 @@ def attribute(
     if paths and receiver is not None:
         from icl_circuits.patching.paths import path_patch
 
-        extra["paths"] = {x: path_patch(*args, [receiver], x, **kw) for x in ("q", "k", "v")}
+        group = int(model.cfg.n_heads) // int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+        kv_receiver = (receiver[0], receiver[1] // group)  # grouped-query: k and v belong to a key/value head
+        extra["paths"] = {x: path_patch(*args, [receiver if x == "q" else kv_receiver], x, **kw)
+                          for x in ("q", "k", "v")}  # fmt: skip
         extra["path_receiver"] = receiver
     if function_vectors:
         from icl_circuits.attribution.function_vectors import function_vector_heads
 
         extra["function_vectors"] = function_vector_heads(model, [task], n_shots=n_shots, n=n, seed=seed)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     return replace(att, **extra)
+
+
+def _aligned_by_role(roles: PromptRoles | None, batch: PatchingBatch) -> str:
+    """``""`` when position ``p`` has the same role and demo in every prompt (so averaging over prompts at ``p``
+    means one thing and one label fits all), else why not: with real tokenizers inputs and labels differ in
+    token length, and index ``p`` falls on different roles in different prompts."""
+    if roles is None:
+        return "no token roles to check that positions align across prompts"
+    same = bool((roles.roles == roles.roles[:1]).all() and (roles.demo_index == roles.demo_index[:1]).all())
+    if not same or bool((batch.last_positions != batch.last_positions[0]).any()):
+        return "the prompts differ in token length or role layout, so one position index means different roles"
+    return ""
+
+
+def position_labels(roles: PromptRoles, token_strs: tuple[str, ...]) -> list[str]:
+    """Axis labels of per-position results by role (``d2 demo_label``, ``query_arrow``) and first-prompt token."""
+    out = []
+    for p, tok in enumerate(token_strs):
+        r, d = int(roles.roles[0, p]), int(roles.demo_index[0, p])
+        name = ROLE_NAMES[r] if r >= 0 else "pad"
+        out.append(f"{p}:{'d' + str(d) + ' ' if d >= 0 else ''}{name} {tok}")
+    return out
 
 
 def _template(model: Any, task: Task) -> Any:
@@ -277,9 +324,9 @@ def _template(model: Any, task: Task) -> Any:
     return check_task(model, task).template
 
 
-def _roles(model: Any, batch: PatchingBatch, template: Any) -> PromptRoles | None:
-    """Token roles of the clean prompts, or ``None`` when the template's arrow or separator is not one
-    token in running text (then no per-demo grouping)."""
+def _roles(model: Any, batch: PatchingBatch, template: Any) -> tuple[PromptRoles | None, str]:
+    """Token roles of the clean prompts and ``""``, or ``(None, why)`` when the template's arrow or separator
+    is not one token in running text (then no per-demo grouping)."""
     from icl_circuits.errors import TokenizationError
     from icl_circuits.tasks.prompts import continuation_ids, encode
     from icl_circuits.tasks.roles import roles_from_tokens
@@ -289,11 +336,11 @@ def _roles(model: Any, batch: PatchingBatch, template: Any) -> PromptRoles | Non
         sep = continuation_ids(model, "x", template.demo_sep)
         prefix_len = len(encode(model, template.prefix)) if template.prefix else 1
         if len(arrow) != 1 or len(sep) != 1:
-            return None
+            return None, f"the arrow ({len(arrow)} tokens) or the separator ({len(sep)} tokens) is not one token"
         return roles_from_tokens(batch.clean_tokens, arrow_id=arrow[0], sep_id=sep[0],
-                                 last_positions=batch.last_positions, prefix_len=prefix_len)  # fmt: skip
-    except TokenizationError:
-        return None
+                                 last_positions=batch.last_positions, prefix_len=prefix_len), ""  # fmt: skip
+    except TokenizationError as e:
+        return None, f"token roles could not be assigned ({e})"
 
 
 # ---------------------------------------------------------------------------- report
@@ -323,11 +370,13 @@ def attribution_sections(att: Attribution, model: Any) -> list[Any]:
     sections.append(Section("Heads ranked", table_html(att.to_dataframe(), max_rows=20)))
     if att.positions is not None:
         fig = att.positions.plot()
-        fig.update_xaxes(tickmode="array", tickvals=list(range(len(att.token_strs))),
-                         ticktext=[f"{i}:{t}" for i, t in enumerate(att.token_strs)])  # fmt: skip
+        labels = (position_labels(att.roles, att.token_strs) if att.roles is not None
+                  else [f"{i}:{t}" for i, t in enumerate(att.token_strs)])  # fmt: skip
+        fig.update_xaxes(tickmode="array", tickvals=list(range(len(att.token_strs))), ticktext=labels)
         sections.append(Section("Residual stream: layer x position", figure_html(fig),
                                 "Denoising one position of the residual stream entering a layer: where the "
-                                "task information sits, layer by layer (positions of the first prompt)."))
+                                "task information sits, layer by layer (every prompt has the same role at each "
+                                "position: checked)."))
     if att.demos is not None:
         sections.append(Section("Per-demo attribution of the top heads", figure_html(att.demos.plot())
                                 + figure_html(att.demos.plot("norm")),

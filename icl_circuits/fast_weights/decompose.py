@@ -60,6 +60,8 @@ from typing import Any
 import torch
 
 from icl_circuits.errors import ICLCircuitsError, InputError
+from icl_circuits.models import attention
+from icl_circuits.shapes import Head, all_heads, check_model_heads, expand_kv
 from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles, roles_from_prompts, roles_from_tokens
 
 __all__ = [
@@ -68,7 +70,6 @@ __all__ = [
 ]  # fmt: skip
 
 DEMO_ROLES: tuple[int, ...] = (1, 2, 3, 4)  # demo_key, demo_arrow, demo_label, demo_sep
-Head = tuple[int, int]
 
 
 # ---------------------------------------------------------------- the decomposition
@@ -156,10 +157,6 @@ class Decomposition:
         return self.heads.index(head)
 
 
-def all_heads(model: Any) -> list[Head]:
-    return [(l, h) for l in range(int(model.cfg.n_layers)) for h in range(int(model.cfg.n_heads))]
-
-
 def parse_heads(spec: str | Sequence[Head] | None, model: Any) -> list[Head]:
     """``"L.H,L.H"`` or a list of ``(layer, head)`` -> validated heads (``None``: every head).
 
@@ -177,15 +174,14 @@ def parse_heads(spec: str | Sequence[Head] | None, model: Any) -> list[Head]:
                 raise InputError(f"head {part!r} is not LAYER.HEAD (e.g. 1.3)") from None
             heads.append((l, h))
     else:
-        heads = [(int(l), int(h)) for l, h in spec]
-    bad = [hd for hd in heads if not (0 <= hd[0] < model.cfg.n_layers and 0 <= hd[1] < model.cfg.n_heads)]
-    if bad or not heads:
-        raise InputError(f"heads {bad or spec!r} not in the model ({model.cfg.n_layers} layers x "
-                         f"{model.cfg.n_heads} heads)")  # fmt: skip
-    return list(dict.fromkeys(heads))
+        heads = list(spec)
+    if not heads:
+        raise InputError(f"no head given ({spec!r}); name at least one as LAYER.HEAD")
+    return check_model_heads(model, heads)
 
 
-def _score_scale(model: Any) -> float:
+def score_scale(model: Any) -> float:
+    """The attention-score divisor: ``cfg.attn_scale`` where set, else ``sqrt(d_head)``."""
     scale = getattr(model.cfg, "attn_scale", None)
     return float(scale) if isinstance(scale, (int, float)) and scale > 0 else float(model.cfg.d_head) ** 0.5
 
@@ -211,11 +207,11 @@ def decompose(
         )
     hs = parse_heads(heads, model)
     layers = sorted({l for l, _ in hs})
-    n_heads, scale = int(model.cfg.n_heads), _score_scale(model)
-    qn, kn = qk_hook_names(model)
+    n_heads, scale = int(model.cfg.n_heads), score_scale(model)
     wanted = {"ln_final.hook_scale"}
     for l in layers:
-        wanted |= {f"blocks.{l}.attn.{n}" for n in ("hook_pattern", "hook_v", "hook_z", "hook_attn_scores", qn, kn)}
+        wanted |= {f"blocks.{l}.attn.{n}" for n in ("hook_pattern", "hook_v", "hook_z", "hook_attn_scores")}
+        wanted |= set(attention.hook_names(l))
     device = getattr(model.cfg, "device", None) or "cpu"
     _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n in wanted)
     batch, n_roles, n_demos = tokens.shape[0], len(ROLE_NAMES), max(roles.n_demos, 1)
@@ -231,24 +227,21 @@ def decompose(
         idx = [h for ll, h in hs if ll == l]  # this layer's chosen heads, as head dim H'
         W_O = W_O_all[l, idx]  # [H', d_head, d_model]
         # every sum over sources runs in the d_head-dimensional value space, then goes through W_O once
-        v = _per_head_act(cache[f"blocks.{l}.attn.hook_v"], n_heads)[:, :, idx].float().cpu()  # [b, s, H', e]
+        v = expand_kv(cache[f"blocks.{l}.attn.hook_v"], n_heads, dim=2)[:, :, idx].float().cpu()  # [b, s, H', e]
         A = cache[f"blocks.{l}.attn.hook_pattern"][bidx, :, last][:, idx].float().cpu()  # [b, H', s]
         Av = A.transpose(1, 2)[..., None] * v  # [b, s, H', e]
         role = torch.einsum("bshe,bsr,hed->bhrd", Av, role_1h, W_O)
         demo = torch.einsum("bshe,bsn,hed->bhnd", Av, demo_1h, W_O)
         o = torch.einsum("bhe,hed->bhd", cache[f"blocks.{l}.attn.hook_z"][bidx, last][:, idx].float().cpu(), W_O)
-        q = _per_head_act(cache[f"blocks.{l}.attn.{qn}"], n_heads)[bidx, last][:, idx].float().cpu()  # [b, H', e]
-        k = _per_head_act(cache[f"blocks.{l}.attn.{kn}"], n_heads)[:, :, idx].float().cpu()  # [b, s, H', e]
+        qe, ke = attention.score_vectors(model, cache, l)  # as they enter the scores (rotated where rotary)
+        q = expand_kv(qe, n_heads, dim=2)[bidx, last][:, idx].float().cpu()  # [b, H', e]
+        k = expand_kv(ke, n_heads, dim=2)[:, :, idx].float().cpu()  # [b, s, H', e]
         model_scores = cache[f"blocks.{l}.attn.hook_attn_scores"][bidx, :, last][:, idx].float().cpu()  # [b, H', s]
-        diff = (torch.einsum("bhe,bshe->bhs", q, k) / scale - model_scores).abs()
-        gap = float(diff.masked_fill(~causal[:, None], 0).amax())
-        if gap > 1e-3 * (1.0 + float(model_scores.masked_fill(~causal[:, None], 0).abs().amax())):
-            raise ICLCircuitsError(
-                f"layer {l}: the model's attention scores differ from q.k/{scale:.3g} by {gap:.3g}; the dual "
-                "form needs plain dot-product scores (no ALiBi, soft-capping or per-layer scaling)"
-            )  # fmt: skip
-        M_lin = torch.einsum("bshe,bshf->bhef", v * in_demo[:, :, None, None], k) / scale  # [b, H', e, e]
-        M_soft = torch.einsum("bshe,bshf->bhef", Av * in_demo[:, :, None, None], k) / scale
+        model_scores = model_scores.masked_fill(~causal[:, None], float("-inf"))
+        check_dot_product_scores(l, torch.einsum("bhe,bshe->bhs", q, k) / scale, model_scores, scale)
+        seen = (in_demo[:, None] * torch.isfinite(model_scores)).transpose(1, 2)[..., None]  # [b, s, H', 1]
+        M_lin = torch.einsum("bshe,bshf->bhef", v * seen, k) / scale  # [b, H', e, e]
+        M_soft = torch.einsum("bshe,bshf->bhef", Av * seen, k) / scale
         linq = torch.einsum("bhef,bhf,hed->bhd", M_lin, q, W_O)
         softq = torch.einsum("bhef,bhf,hed->bhd", M_soft, q, W_O)
         att = (A * in_demo[:, None]).sum(-1)  # [b, H']
@@ -262,15 +255,16 @@ def decompose(
     )
 
 
-def qk_hook_names(model: Any) -> tuple[str, str]:
-    """The attention hooks holding ``q~`` and ``k~`` as they enter the scores (after rotary where the model has it)."""
-    rotary = model.cfg.positional_embedding_type == "rotary"
-    return ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
-
-
-def _per_head_act(act: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """``[batch, pos, n_kv, d_head]`` -> ``[batch, pos, n_heads, d_head]`` (grouped-query keys)."""
-    return act if act.shape[2] == n_heads else act.repeat_interleave(n_heads // act.shape[2], dim=2)
+def check_dot_product_scores(layer: int, ours: torch.Tensor, scores: torch.Tensor, scale: float) -> None:
+    """Raise unless the model's attention ``scores`` equal ``ours = q~.k~ / scale`` wherever they are finite
+    (masked positions, causal or outside a sliding window, are ``-inf``); both ``[..., pos]``."""
+    seen = torch.isfinite(scores)
+    gap = float((ours - scores).abs()[seen].amax()) if bool(seen.any()) else 0.0
+    if gap > 1e-3 * (1.0 + float(scores[seen].abs().amax() if bool(seen.any()) else 0.0)):
+        raise ICLCircuitsError(
+            f"layer {layer}: the model's attention scores differ from q.k/{scale:.3g} by {gap:.3g}; the dual "
+            "form needs plain dot-product scores (no ALiBi, attention soft-capping or per-layer scaling)"
+        )
 
 
 # ---------------------------------------------------------------- measures (pure)

@@ -11,7 +11,8 @@ If the demos act as a temporary weight ``dW = sum_s u_s k~_s^T / sqrt(d_head)`` 
    should shrink toward the zero-shot ("mean") prediction. With ``u_p = log_softmax(logits of the
    p-noisy prompt) - log_softmax(logits of the zero-shot prompt with the same query)`` at the answer
    position, the **shrinkage coefficient** is ``beta_p = sum_b <u_p,b, u_0,b> / sum_b |u_0,b|^2``
-   (1 at ``p = 0``; 0 when the update has no component along the clean one). Also ``|u_p|``, the
+   (:func:`icl_circuits.tasks.scoring.shrink_coefficient` over the full vocabulary; 1 at ``p = 0``;
+   0 when the update has no component along the clean one). Also ``|u_p|``, the
    demo part's answer logit and the accuracy;
 3. **demo order** (the same pairs in a random order): a linear fast weight is order-free; any change
    comes from positions and earlier layers. Measured: the relative change ``|dW(perm) - dW|_F / |dW|_F``
@@ -39,6 +40,7 @@ from icl_circuits.errors import PromptTooLongError, TaskError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.transplant import logits_with_vector
 from icl_circuits.tasks.roles import render_examples
+from icl_circuits.tasks.scoring import shrink_coefficient
 
 
 @dataclass(frozen=True)
@@ -170,13 +172,13 @@ def measure_predictions(
     zero = [FewShot((), ex.query) for ex in examples]
     zt, zr, _, _ = render_examples(model, checked, zero)
     logp0 = logits_with_vector(model, zt, zr.last_positions, None, 0).log_softmax(-1)
-    noise_rows, u_clean = [], None
+    noise_rows, logp_clean = [], None
     for p in sorted(set(float(x) for x in noise) | {0.0}):
         m = _measure(model, checked, [flip_labels(ex, p, checked.task.labels, manip) for ex in examples], heads)
         u = m["logp"] - logp0
-        if u_clean is None:
-            u_clean = u
-        beta = float((u * u_clean).sum() / u_clean.pow(2).sum().clamp_min(1e-30))
+        if logp_clean is None:
+            logp_clean = m["logp"]
+        beta = shrink_coefficient(m["logp"], logp_clean, logp0)  # normalised over the full vocabulary
         noise_rows.append({"noise": p, "shrinkage_beta": beta, "update_norm": float(u.norm(dim=-1).mean()), **m["row"]})
     base = _measure(model, checked, examples, heads)
     iso0 = base["dec"].fw_isometric()  # dW_lin up to an isometry: same norms and differences

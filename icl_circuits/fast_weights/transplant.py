@@ -19,13 +19,17 @@ Function vectors (Todd et al. 2024), here built from the exact demo part of :mod
 5. **Fast-weight transplant.** The same demos' keys and values, per head (:class:`DemoMemory`), as a
    task-level *linear fast weight* (the first-order dual form of softmax attention; Schlag et al. 2021,
    Dai et al. 2023). For extraction prompt ``p`` with demo positions ``D_p`` (``n_p`` of them), keys
-   ``k~_s`` and values ``v_s`` (``[d_head]``, keys after rotary where the model has it), and the demo
+   ``k~_s`` and values ``v_s`` (``[d_head]``, keys after rotary where the model has it; only the positions the
+   query could see, so a sliding window is respected), and the demo
    attention mass at its query ``a_p = sum_{s in D_p} A[q, s]``, linearising ``softmax_s(q~.k~_s / sqrt(d))``
    around the mean key gives the head's demo part ``~ a_p (v_bar_p + dW_p q~)`` with::
 
        dW_p = 1 / (n_p sqrt(d)) sum_{s in D_p} v_s (k~_s - k_bar_p)^T          [d_head, d_head]
        W = mean_p a_p dW_p,   b = mean_p a_p v_bar_p                            (one per head)
 
+   With RoPE, ``q~`` of a zero-shot query is its query rotated to ``T_p``, the extraction prompt's query position
+   (``R(T_p) q``), so ``q~ . k~_s`` sees the demo keys at the relative offsets the model saw; ``W`` then holds
+   ``mean_p a_p dW_p R(T_p)`` and acts on the un-rotated query (``R = I`` without rotary).
    The transplant adds ``b + W_r q~`` to each head's ``hook_z`` at the last position of the zero-shot
    prompts, every head at once, each with its own ``q~`` from the same forward (so later layers see the
    earlier additions); ``W_r`` is the rank-``r`` truncation (SVD), ``r = 0`` leaves only the bias ``b``.
@@ -52,6 +56,8 @@ import torch
 
 from icl_circuits.errors import InputError, TaskError
 from icl_circuits.fast_weights import decompose as fw
+from icl_circuits.models import attention
+from icl_circuits.shapes import expand_kv
 from icl_circuits.tasks.roles import render_examples
 
 
@@ -90,9 +96,14 @@ def logits_with_vector(
 class DemoMemory:
     """The demos' keys and values per layer and head, read from extraction prompts (step 5 of the module doc).
 
-    ``keys[l]``, ``values[l] [prompt, pos, head, d_head]`` (keys as they enter the scores: after rotary),
-    ``demo [prompt, pos]`` (1.0 on demo positions), ``demo_attention[l] [prompt, head]`` (``a_p``, the
-    attention mass the query puts on the demos), ``scale`` (the score divisor, ``sqrt(d_head)``).
+    ``keys[l]``, ``values[l] [prompt, pos, head, d_head]`` (keys as they enter the scores: after rotary, at
+    their own positions), ``demo [prompt, pos]`` (1.0 on demo positions), ``demo_attention[l] [prompt, head]``
+    (``a_p``, the attention mass the query puts on the demos), ``scale`` (the score divisor, ``sqrt(d_head)``).
+    ``query_rotation[l] [prompt, d_head, d_head]``: with RoPE, ``R(T_p)``, the rotation of each extraction
+    prompt's query position ``T_p``; a reading query ``q`` (before rotation) is rotated by it, so it meets the
+    demo keys at the relative offsets the model saw (``None``: no rotary embedding, ``q~ = q``).
+    ``visible[l] [prompt, head, pos]``: 1.0 where the extraction query could attend (a sliding window hides
+    the rest; ``None``: everywhere).
     """
 
     keys: tuple[torch.Tensor, ...]
@@ -100,37 +111,78 @@ class DemoMemory:
     demo: torch.Tensor
     demo_attention: tuple[torch.Tensor, ...]
     scale: float
+    query_rotation: tuple[torch.Tensor, ...] | None = None
+    visible: tuple[torch.Tensor, ...] | None = None
+
+    def mask(self, layer: int) -> torch.Tensor:
+        """``[prompt, head, pos]``: 1.0 on the demo positions the query of each prompt could attend to."""
+        m = self.demo[:, None, :].expand(-1, self.keys[layer].shape[2], -1)
+        return m * self.visible[layer] if self.visible is not None else m
+
+    def rotate_query(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """``q [batch, head, d_head]`` (before rotation) -> ``[batch, prompt, head, d_head]``, as each prompt's
+        query position ``T_p`` would enter the scores: ``R(T_p) q``."""
+        q = q.float()
+        if self.query_rotation is None:
+            return q[:, None].expand(-1, self.demo.shape[0], -1, -1)
+        return torch.einsum("pef,bhf->bphe", self.query_rotation[layer], q)
+
+
+def reading_query_hook(model: Any, layer: int) -> str:
+    """The hook holding the query before rotation: ``hook_q_normed`` on QK-norm models, else ``hook_q``."""
+    name = f"blocks.{layer}.attn.hook_q_normed"
+    return name if name in model.hook_dict else f"blocks.{layer}.attn.hook_q"
 
 
 @torch.no_grad()
 def demo_memory(model: Any, tokens: torch.Tensor, roles: Any) -> DemoMemory:
-    """Read every layer's demo keys, values and demo attention mass from ``tokens [prompt, pos]``."""
-    _, kn = fw.qk_hook_names(model)
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    names = {f"blocks.{l}.attn.{x}" for l in range(n_layers) for x in (kn, "hook_v", "hook_pattern")}
+    """Read every layer's demo keys, values, visibility and demo attention mass from ``tokens [prompt, pos]``.
+
+    Raises:
+        ICLCircuitsError: scores that are not ``q~.k~ / scale`` (e.g. attention soft-capping): a softmax
+            memory of these keys would not be what the model computes.
+    """
+    n_layers, n_heads, d_head = int(model.cfg.n_layers), int(model.cfg.n_heads), int(model.cfg.d_head)
+    scale = fw.score_scale(model)
+    names = {n for l in range(n_layers) for n in attention.hook_names(l)}
+    names |= {f"blocks.{l}.attn.{x}" for l in range(n_layers) for x in ("hook_v", "hook_pattern", "hook_attn_scores")}
     device = getattr(model.cfg, "device", None) or "cpu"
     _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n in names)
     demo = (roles.demo_index >= 0).float().cpu()
     rows, last = torch.arange(tokens.shape[0]), roles.last_positions.cpu()
-    keys, values, mass = [], [], []
+    keys, values, mass, rots, vis = [], [], [], [], []
     for l in range(n_layers):
-        keys.append(fw._per_head_act(cache[f"blocks.{l}.attn.{kn}"], n_heads).float().cpu())
-        values.append(fw._per_head_act(cache[f"blocks.{l}.attn.hook_v"], n_heads).float().cpu())
+        qe, ke = attention.score_vectors(model, cache, l)
+        k = expand_kv(ke, n_heads, dim=2).float().cpu()
+        q = expand_kv(qe, n_heads, dim=2)[rows, last].float().cpu()  # [prompt, head, d_head]
+        scores = cache[f"blocks.{l}.attn.hook_attn_scores"][rows, :, last].float().cpu()  # [prompt, head, pos]
+        fw.check_dot_product_scores(l, torch.einsum("phe,pshe->phs", q, k) / scale, scores, scale)
+        keys.append(k)
+        values.append(expand_kv(cache[f"blocks.{l}.attn.hook_v"], n_heads, dim=2).float().cpu())
+        vis.append(torch.isfinite(scores).float())
         A = cache[f"blocks.{l}.attn.hook_pattern"][rows, :, last].float().cpu()  # [prompt, head, pos]
         mass.append((A * demo[:, None]).sum(-1))
-    return DemoMemory(tuple(keys), tuple(values), demo, tuple(mass), fw._score_scale(model))
+        tables = attention.rotary_tables(cache, l) if attention.is_rotary(model) else None
+        if tables is not None:
+            cos, sin = (t.expand(len(rows), -1, -1) for t in tables)  # the bridge's tables may be [1, pos, r]
+            rots.append(attention.rotation_matrix(cos[rows, last].float().cpu(), sin[rows, last].float().cpu(), d_head))
+    return DemoMemory(tuple(keys), tuple(values), demo, tuple(mass), scale,
+                      tuple(rots) if len(rots) == n_layers else None, tuple(vis))  # fmt: skip
 
 
 def linear_fast_weight(mem: DemoMemory) -> tuple[torch.Tensor, torch.Tensor]:
     """The task-level linear fast weight ``W [layer, head, d_head, d_head]`` and bias ``b [layer, head,
-    d_head]``: ``W = mean_p a_p dW_p``, ``b = mean_p a_p v_bar_p`` (module doc, step 5)."""
-    d = mem.demo[:, :, None, None]  # [prompt, pos, 1, 1]
-    n = mem.demo.sum(1).clamp_min(1.0)[:, None, None]  # [prompt, 1, 1]
+    d_head]``: ``W = mean_p a_p dW_p R(T_p)``, ``b = mean_p a_p v_bar_p`` (module doc, step 5; ``R = I``
+    without rotary), acting on the reading query before rotation."""
     Ws, bs = [], []
-    for K, V, a in zip(mem.keys, mem.values, mem.demo_attention):
-        k_bar, v_bar = (K * d).sum(1) / n, (V * d).sum(1) / n  # [prompt, head, d_head]
-        # V * d masks the non-demo positions out of the sum
-        dW = torch.einsum("pshe,pshf->phef", V * d, K - k_bar[:, None]) / (n[..., None] * mem.scale)
+    for l, (K, V, a) in enumerate(zip(mem.keys, mem.values, mem.demo_attention)):
+        m = mem.mask(l).transpose(1, 2)[..., None]  # [prompt, pos, head, 1]
+        n = m.sum(1).clamp_min(1.0)  # [prompt, head, 1]
+        k_bar, v_bar = (K * m).sum(1) / n, (V * m).sum(1) / n  # [prompt, head, d_head]
+        # V * m masks the non-demo (and invisible) positions out of the sum
+        dW = torch.einsum("pshe,pshf->phef", V * m, K - k_bar[:, None]) / (n[..., None] * mem.scale)
+        if mem.query_rotation is not None:
+            dW = torch.einsum("phef,pfg->pheg", dW, mem.query_rotation[l])
         Ws.append((a[..., None, None] * dW).mean(0))
         bs.append((a[..., None] * v_bar).mean(0))
     return torch.stack(Ws), torch.stack(bs)
@@ -160,17 +212,19 @@ def _logits_adding_to_z(
     model: Any, tokens: torch.Tensor, last_positions: torch.Tensor,
     add: Callable[[int, torch.Tensor], torch.Tensor | None],
 ) -> torch.Tensor:  # fmt: skip
-    """``[batch, d_vocab]`` logits at ``last_positions`` with ``add(layer, q~ [batch, head, d_head])``
-    (``[batch, head, d_head]`` or ``None``) added to ``hook_z`` there, layer by layer in one forward."""
+    """``[batch, d_vocab]`` logits at ``last_positions`` with ``add(layer, q [batch, head, d_head])``
+    (``[batch, head, d_head]`` or ``None``) added to ``hook_z`` there, layer by layer in one forward
+    (``q``: the query before rotation, :func:`reading_query_hook`)."""
     device = getattr(model.cfg, "device", None) or "cpu"
     rows, last = torch.arange(tokens.shape[0]), last_positions.cpu()
-    qn, _ = fw.qk_hook_names(model)
     seen: dict[int, torch.Tensor] = {}
     hooks: list[tuple[str, Any]] = []
     for l in range(int(model.cfg.n_layers)):
 
-        def read_q(q: torch.Tensor, hook: Any, l: int = l) -> None:
-            seen[l] = q[rows, last].float().cpu()
+        qname = reading_query_hook(model, l)
+
+        def read_q(q: torch.Tensor, hook: Any, l: int = l, normed: bool = qname.endswith("normed")) -> None:
+            seen[l] = (q.transpose(1, 2) if normed else q)[rows, last].float().cpu()  # QK-norm hooks: [b, h, p, d]
 
         def write_z(z: torch.Tensor, hook: Any, l: int = l) -> torch.Tensor:
             extra = add(l, seen.pop(l))
@@ -180,7 +234,7 @@ def _logits_adding_to_z(
             out[rows, last] += extra.to(out.device, out.dtype)
             return out
 
-        hooks += [(f"blocks.{l}.attn.{qn}", read_q), (f"blocks.{l}.attn.hook_z", write_z)]
+        hooks += [(qname, read_q), (f"blocks.{l}.attn.hook_z", write_z)]
     with model.hooks(fwd_hooks=hooks):
         logits = model(tokens.to(device))
     return logits[rows, last].float().cpu()
@@ -203,13 +257,14 @@ def logits_with_fast_weight(
 
 
 def memory_read(mem: DemoMemory, layer: int, q: torch.Tensor) -> torch.Tensor:
-    """The exact softmax memory read by queries ``q [batch, head, d_head]`` at ``layer``:
-    ``mean_p a_p sum_{s in D_p} softmax_{s in D_p}(q~.k~_s / scale) v_s`` -> ``[batch, head, d_head]``.
+    """The exact softmax memory read by queries ``q [batch, head, d_head]`` (before rotation) at ``layer``:
+    ``mean_p a_p sum_{s in D_p} softmax_{s in D_p}(R(T_p) q . k~_s / scale) v_s`` -> ``[batch, head, d_head]``
+    (``D_p``: the demo positions the extraction query could see).
 
     For one prompt read with its own query this is exactly the head's demo part before ``W_O``
-    (``A[q, s] = a_p softmax_{s in D_p}(...)`` on demo positions)."""
-    scores = torch.einsum("bhe,pshe->bphs", q.float(), mem.keys[layer]) / mem.scale
-    w = scores.masked_fill(mem.demo[None, :, None, :] == 0, torch.finfo(torch.float32).min).softmax(-1)
+    (``A[q, s] = a_p softmax_{s in D_p}(...)`` on demo positions), rotary embeddings included."""
+    scores = torch.einsum("bphe,pshe->bphs", mem.rotate_query(layer, q), mem.keys[layer]) / mem.scale
+    w = scores.masked_fill(mem.mask(layer)[None] == 0, torch.finfo(torch.float32).min).softmax(-1)
     read = torch.einsum("bphs,pshe->bphe", w, mem.values[layer])
     return (read * mem.demo_attention[layer][None, ..., None]).mean(1)
 

@@ -38,18 +38,9 @@ import torch
 
 from icl_circuits.errors import InputError
 from icl_circuits.heads.scores import ordinary_token_ids
+from icl_circuits.shapes import expand_kv
 
 MODES = ("Q", "K", "V")
-
-
-def _expand_kv(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """``[layer, n_kv, ...]`` -> ``[layer, n_heads, ...]`` by repeat_interleave (no-op without GQA)."""
-    n_kv = w.shape[1]
-    if n_kv == n_heads:
-        return w
-    if n_heads % n_kv:
-        raise InputError(f"{n_kv} key/value heads do not divide {n_heads} query heads")
-    return w.repeat_interleave(n_heads // n_kv, dim=1)
 
 
 def eigenvalue_positivity(matrices: torch.Tensor) -> torch.Tensor:
@@ -79,7 +70,7 @@ def copying_scores(
     W_U = model.W_U.detach().float()  # [d_model, vocab]
     idx = pool.to(W_E.device)
     G = W_U[:, idx] @ W_E[idx]  # [d_model, d_model]; float32: |S| d_model^2, the one large product
-    W_V = _expand_kv(model.W_V.detach().float(), int(model.cfg.n_heads))  # [layer, head, d_model, d_head]
+    W_V = expand_kv(model.W_V.detach().float(), int(model.cfg.n_heads), dim=1)  # [layer, head, d_model, d_head]
     W_O = model.W_O.detach().float()  # [layer, head, d_head, d_model]
     small = W_O @ G @ W_V  # [layer, head, d_head, d_head]: same non-zero spectrum as C
     return eigenvalue_positivity(small).cpu()  # eigenvalues in float64
@@ -121,8 +112,8 @@ def _weights(model: Any) -> dict[str, torch.Tensor]:
     n = int(model.cfg.n_heads)
     return {
         "Q": model.W_Q.detach().double(),
-        "K": _expand_kv(model.W_K.detach().double(), n),
-        "V": _expand_kv(model.W_V.detach().double(), n),
+        "K": expand_kv(model.W_K.detach().double(), n, dim=1),
+        "V": expand_kv(model.W_V.detach().double(), n, dim=1),
         "O": model.W_O.detach().double(),
     }
 

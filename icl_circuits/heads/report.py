@@ -67,7 +67,7 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
         f"(seed {scan.seed}); prefix matching on {scan.prefix_repeats} copies of |r| = {scan.prefix_seq_len}. "
         f"Induction head: induction score >= {th.induction} and it acts on what it attends to: copying > "
         f"{th.min_copying}"
-        + (f" or mean-ablation effect > {th.min_ablation} nats." if ablated else " (ablation sweep skipped).")
+        + (f" or mean-ablation effect < -{th.min_ablation} nats." if ablated else " (ablation sweep skipped).")
         + f" Previous-/duplicate-token: score >= {th.previous_token} / {th.duplicate_token}; "
         f"copying: OV eigenvalue positivity >= {th.copying}.",
     )
@@ -75,9 +75,9 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
         "Per-head scores (layer x head)",
         _grid(list(scan.plot().values())),
         "Attention scores are fractions of a query's attention in [0, 1]. Copying is sum Re(lambda) / sum |lambda| "
-        "of the full OV circuit W_E W_V W_O W_U (+1: copies). The ablation effect is the change of "
-        "(loss late - loss early) when the head's output is replaced by its mean: positive = the head helps "
-        "in-context learning.",
+        "of the full OV circuit W_E W_V W_O W_U (+1: copies). The ablation effect is the change of the "
+        "in-context gain (loss early - loss late, nats) when the head's output is replaced by its mean, "
+        "ablated minus clean: negative = the head helps in-context learning.",
     )
     ranked = Section(
         "Heads ranked by induction score",

@@ -22,8 +22,10 @@ read) and the offline ``head_scan.html`` report.
 
 Cost: two forwards of ``batch`` sequences for the attention scores, one ``|vocab| x d_model^2``
 product for copying, ``(L H)^2 d_head^2 d_model / 2`` multiply-adds per composition mode, and, with
-``ablation=True``, the equivalent of one forward of the batch per head (which also gives the
-ablation reading of the circuit).
+``ablation=True``, the mean-ablation sweep (:mod:`icl_circuits.patching.ablation`: each layer's heads
+tiled into one batch resumed at that layer, about half a forward of the batch per head; it also gives
+the ablation reading of the circuit). Its sign: ``effect = gain(ablated) - gain(clean)`` with the
+in-context gain ``early - late`` in nats, so a negative effect = the head helps.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from icl_circuits.heads import composition as comp
 from icl_circuits.heads import scores as hd
 from icl_circuits.io import generator
 from icl_circuits.models import model_info
+from icl_circuits.patching.ablation import SIGN, InContextGain, mean_ablation_sweep
+from icl_circuits.shapes import check_heads
 
 METRICS = ("induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation")
 ROLES = ("induction", "previous-token", "duplicate-token", "copying")
@@ -52,8 +56,9 @@ class RoleThresholds:
       second-copy query on the offset stripe, the cut ARENA's detectors use), *and* evidence that the
       head acts on what it attends to -- Olsson et al. define an induction head by prefix matching
       *and* copying: OV eigenvalue positivity ``> min_copying`` (0: more copying than anti-copying),
-      or, when the ablation sweep ran, mean-ablation effect ``> min_ablation`` nats (it helps the
-      in-context loss drop). Either suffices: ``W_E``-only copying misses copying routed through the
+      or, when the ablation sweep ran, mean-ablation effect ``< -min_ablation`` nats (removing it
+      lowers the in-context gain ``early - late`` by more than ``min_ablation``: it helps). Either
+      suffices: ``W_E``-only copying misses copying routed through the
       first MLP, and the ablation of one of several redundant heads can be ~0.
     * ``previous-token`` / ``duplicate-token``: their attention score ``>=`` 0.4, the same cut.
     * ``copying``: OV eigenvalue positivity ``>= copying`` (0.5; random matrices give ~``1/d_head``).
@@ -155,7 +160,7 @@ class HeadScan:
         th = self.thresholds
         v = {m: self._value(m, layer, head) for m in METRICS}
         out = []
-        acts = v["copying"] > th.min_copying or v["ablation"] > th.min_ablation  # NaN ablation: False
+        acts = v["copying"] > th.min_copying or v["ablation"] < -th.min_ablation  # NaN ablation: False
         if v["induction"] >= th.induction and acts:
             out.append("induction")
         if v["previous_token"] >= th.previous_token:
@@ -304,9 +309,7 @@ class HeadScan:
         heads = heads or self.top_heads()
         if not 0 <= example < self.tokens.shape[0]:
             raise InputError(f"example must be in 0..{self.tokens.shape[0] - 1}, got {example}")
-        for l, h in heads:
-            if not (0 <= l < self.n_layers and 0 <= h < self.n_heads):
-                raise InputError(f"head ({l}, {h}) is outside {self.n_layers} layers x {self.n_heads} heads")
+        heads = check_heads(heads, self.n_layers, self.n_heads)
         ids = self.tokens[example : example + 1]
         names = sorted({f"blocks.{l}.attn.hook_pattern" for l, _ in heads})
         with torch.no_grad():
@@ -351,6 +354,8 @@ class HeadScan:
             "induction_heads": [list(lh) for lh in self.induction_heads],
             "thresholds": self.thresholds.to_dict(),
             "in_context": {"loss_early": self.loss_early, "loss_late": self.loss_late, "score": self.in_context_score},
+            "ablation": {"metric": "in_context_gain", "unit": "nats", "sign": SIGN,
+                         "metric_definition": "early - late: loss on first-copy minus second-copy targets"},
             "composition": {
                 "baseline": {m: asdict(b) for m, b in self.baselines.items()},
                 "pairs": pairs,
@@ -401,7 +406,7 @@ _TITLES = {
     "previous_token": "Previous-token score",
     "duplicate_token": "Duplicate-token score",
     "copying": "Copying (OV eigenvalues)",
-    "ablation": "Ablation effect (nats)",
+    "ablation": "Ablation effect on the in-context gain (nats; < 0: helps)",
 }
 
 
@@ -432,7 +437,7 @@ def scan_heads(
         seq_len: ``n``, the length of the random segment ``r`` in ``[BOS, r, r]`` (``1 + 2n <= n_ctx``).
         batch: sequences per measurement.
         seed: seeds the token sampler (``torch.Generator``); same seed, same sequences.
-        ablation: run the mean-ablation sweep (one forward of the batch per head).
+        ablation: run the mean-ablation sweep (negative effect = the head helps; see the module doc).
         prefix_repeats: copies of ``r`` for the prefix-matching score (>= 2); its segment is shortened
             to ``(n_ctx - 1) // prefix_repeats`` when ``seq_len`` copies would not fit the context.
         copying_tokens: sample this many ordinary tokens for the copying score (default: all of them).
@@ -455,9 +460,13 @@ def scan_heads(
     early, late = hd.in_context_losses(logits, tokens.to(logits.device), seq_len)
     del logits
     scores["copying"] = comp.copying_scores(model, n_tokens=copying_tokens, generator=gen if copying_tokens else None)
-    sweep = hd.mean_ablation_sweep(model, tokens, seq_len, progress=progress) if ablation else None
-    if sweep is not None:
-        scores["ablation"] = sweep.loss_effect
+    sweep = None
+    if ablation:
+        sweep = mean_ablation_sweep(
+            model, tokens, InContextGain(tokens, seq_len), pattern_score=lambda p: hd.induction_stripe(p, seq_len),
+            progress=progress,
+        )  # fmt: skip
+        scores["ablation"] = sweep.effect
     compo = {m: comp.composition_scores(model, m) for m in comp.MODES}
     d_model, d_head = int(model.cfg.d_model), int(model.cfg.d_head)
     baselines = {m: comp.composition_baseline(d_model, d_head, m, generator=gen) for m in comp.MODES}
@@ -473,7 +482,7 @@ def scan_heads(
         baselines=baselines,
         loss_early=float(early.mean()),
         loss_late=float(late.mean()),
-        induction_change=None if sweep is None else sweep.induction_change,
+        induction_change=None if sweep is None else sweep.pattern_change,
         tokens=tokens,
         thresholds=thresholds or RoleThresholds(),
     )

@@ -25,30 +25,29 @@ In-context score (Olsson et al.'s "loss late minus loss early", on ``[BOS, r, r]
 and ``late`` on second-copy targets ``r[1..n-1]`` (``r[0]`` is unpredictable in both copies). It is
 negative when the model learns in context.
 
-Ablation effect of head ``(l, h)``: its ``hook_z`` is replaced, at every position, by its mean over
-the batch at that position (mean ablation over the same repeated-token distribution), and
-``effect = icl(ablated) - icl(clean)``. Sign: positive when removing the head weakens in-context
-learning (the loss drop shrinks); near zero when the head does not matter. The same forwards record
-every later head's induction score, so ``induction_change[S, R]`` (receiver R's induction score with
-sender S ablated, minus clean) says causally which earlier heads feed each induction head.
+Ablation effect of head ``(l, h)`` (:mod:`icl_circuits.patching.ablation`, its sign convention): its
+``hook_z`` is replaced, at every position, by its mean over the batch at that position (mean ablation
+over the same repeated-token distribution), and ``effect = gain(ablated) - gain(clean)`` with the
+in-context gain ``early - late`` (nats; the in-context score with the opposite sign). Sign: negative
+when removing the head weakens in-context learning (the loss drop shrinks); near zero when the head
+does not matter. The same runs record every later head's induction score, so
+``pattern_change[S, R]`` (receiver R's induction score with sender S ablated, minus clean) says
+causally which earlier heads feed each induction head.
 
 Cost: the attention scores take two forwards (``[BOS, r, r]`` and the ``c``-copy sequences); the
-ablation sweep costs one forward of the batch per head (``n_layers * n_heads`` in all), run as
-few larger forwards that tile the batch and ablate a different head in each tile.
+ablation sweep one captured forward, then each layer's heads tiled into one batch that resumes at
+that layer from the cached residual.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
-
-Head = tuple[int, int]
+from icl_circuits.patching.ablation import InContextGain, read_positions
 
 
 def ordinary_token_ids(model: Any) -> torch.Tensor:
@@ -112,9 +111,7 @@ def _check_pattern(pattern: torch.Tensor, seq_len: int, repeats: int) -> None:
 def induction_score(pattern: torch.Tensor, seq_len: int) -> torch.Tensor:
     """``pattern [batch, head, q, k]`` on ``[BOS, r, r]`` -> ``[head]``: mean of A[q, q-n+1] over the second copy."""
     _check_pattern(pattern, seq_len, 2)
-    n = seq_len
-    q = torch.arange(n + 1, 2 * n + 1)
-    return pattern[:, :, q, q - n + 1].mean(dim=(0, 2))
+    return induction_stripe(pattern, seq_len).mean(0)
 
 
 def prefix_matching_score(pattern: torch.Tensor, seq_len: int, repeats: int) -> torch.Tensor:
@@ -192,8 +189,8 @@ def attention_scores(
 def in_context_losses(logits: torch.Tensor, tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits [batch, 1 + 2n, vocab]`` on ``[BOS, r, r]`` -> ``(early [batch], late [batch])`` mean losses (nats).
 
-    ``early``: predicting first-copy tokens ``r[1..n-1]``; ``late``: second-copy ``r[1..n-1]``.
-    The log-softmax is taken one sequence at a time, so a 50k vocabulary costs one row of memory.
+    ``early``: predicting first-copy tokens ``r[1..n-1]``; ``late``: second-copy ``r[1..n-1]``
+    (:class:`icl_circuits.patching.ablation.InContextGain`, whose metric is ``early - late``).
     """
     n = seq_len
     if tokens.ndim != 2 or tokens.shape[1] != 1 + 2 * n or logits.shape[:2] != tokens.shape:
@@ -201,12 +198,12 @@ def in_context_losses(logits: torch.Tensor, tokens: torch.Tensor, seq_len: int) 
             f"need tokens [batch, {1 + 2 * n}] and logits [batch, {1 + 2 * n}, vocab]; "
             f"got {list(tokens.shape)} and {list(logits.shape)}"
         )
+    gain = InContextGain(tokens.cpu(), seq_len)
     early, late = [], []
-    for b in range(tokens.shape[0]):
-        logp = logits[b, :-1].float().log_softmax(-1)  # [pos - 1, vocab]: position t predicts t + 1
-        nll = -logp.gather(-1, tokens[b, 1:, None].to(logp.device))[:, 0].cpu()
-        early.append(nll[1:n].mean())  # targets at positions 2..n
-        late.append(nll[n + 1 : 2 * n].mean())  # targets at positions n + 2..2n
+    for b in range(tokens.shape[0]):  # one sequence at a time: a 50k vocabulary costs one row of memory
+        e, l = gain.losses(read_positions(logits[b : b + 1], gain.positions[:1]), slice(b, None))
+        early.append(e[0])
+        late.append(l[0])
     return torch.stack(early), torch.stack(late)
 
 
@@ -216,102 +213,8 @@ def in_context_score(logits: torch.Tensor, tokens: torch.Tensor, seq_len: int) -
     return float((late - early).mean())
 
 
-def _heads_per_forward(batch: int, pos: int, d_vocab: int, n_total: int, max_logits: int = 2**25) -> int:
-    """How many ablated copies of the batch one forward holds: logits stay under ``max_logits`` floats."""
-    per_copy = batch * pos * d_vocab
-    return max(1, min(n_total, max_logits // max(per_copy, 1), max(1, 1024 // batch)))
-
-
-@dataclass(frozen=True)
-class AblationSweep:
-    """What mean-ablating each head did, head by head (NaN rows/entries: head not ablated).
-
-    ``loss_effect [layer, head]``: ``icl(ablated) - icl(clean)`` in nats (positive: the head helps
-    in-context learning). ``induction_change [layer_S, head_S, layer_R, head_R]``: the induction score
-    of receiver R with sender S mean-ablated, minus its clean score -- the causal counterpart of
-    K-composition: it counts every path from S to R's attention (direct, through MLPs, through
-    other heads), where the weight-based composition score sees only the direct one.
-    """
-
-    loss_effect: torch.Tensor
-    induction_change: torch.Tensor
-    clean_induction: torch.Tensor  # [layer, head] on the same batch
-
-
-def _stripe(pattern: torch.Tensor, n: int) -> torch.Tensor:
-    """``[rows, head, q, k]`` -> ``[rows, head]``: per-sequence induction score."""
+def induction_stripe(pattern: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``pattern [rows, head, q, k]`` on ``[BOS, r, r]`` -> ``[rows, head]``: each sequence's induction score."""
+    n = seq_len
     q = torch.arange(n + 1, 2 * n + 1, device=pattern.device)
-    return pattern[:, :, q, q - n + 1].float().mean(-1).cpu()
-
-
-@torch.no_grad()
-def mean_ablation_sweep(
-    model: Any,
-    tokens: torch.Tensor,
-    seq_len: int,
-    heads: Sequence[Head] | None = None,
-    *,
-    progress: bool = True,
-    heads_per_forward: int | None = None,
-) -> AblationSweep:
-    """Mean-ablate each of ``heads`` (default: every head) in turn on ``tokens [batch, 1 + 2n]`` (``[BOS, r, r]``).
-
-    Each forward tiles the batch ``k`` times and ablates a different head in each tile (``k`` from a
-    logits memory budget unless ``heads_per_forward`` is given), which gives the same numbers as one
-    forward per head. The caller's ``tokens`` are not modified.
-    """
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    todo = [(l, h) for l in range(n_layers) for h in range(n_heads)] if heads is None else list(heads)
-    for l, h in todo:
-        if not (0 <= l < n_layers and 0 <= h < n_heads):
-            raise InputError(f"head ({l}, {h}) is outside the model's {n_layers} layers x {n_heads} heads")
-    _check_pattern(torch.empty(0, 0, tokens.shape[1], tokens.shape[1]), seq_len, 2)
-    device = model.cfg.device
-    tokens = tokens.to(device)
-    batch, pos = tokens.shape
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
-    p_names = [f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)]
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names or name in p_names)
-    clean = in_context_losses(logits, tokens, seq_len)
-    clean_icl = (clean[1] - clean[0]).mean()
-    clean_ind = torch.stack([_stripe(cache[p_names[l]], seq_len).mean(0) for l in range(n_layers)])
-    means = {l: cache[z_names[l]].mean(dim=0) for l in range(n_layers)}  # [pos, head, d_head]
-    del cache, logits
-
-    k = heads_per_forward or _heads_per_forward(batch, pos, int(model.cfg.d_vocab), len(todo))
-    effects = torch.full((n_layers, n_heads), float("nan"))
-    ind_change = torch.full((n_layers, n_heads, n_layers, n_heads), float("nan"))
-    chunks = [todo[i : i + k] for i in range(0, len(todo), k)]
-    for chunk in tqdm(chunks, desc="mean-ablating heads", unit="fwd", disable=not progress):
-        by_layer: dict[int, list[tuple[int, int]]] = {}
-        for tile, (l, h) in enumerate(chunk):
-            by_layer.setdefault(l, []).append((tile, h))
-        induction: dict[int, torch.Tensor] = {}  # layer -> [tiles, head]
-
-        def ablate(layer: int, tiles: list[tuple[int, int]]) -> Callable[..., torch.Tensor]:
-            def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
-                z = z.clone()
-                for tile, h in tiles:
-                    z[tile * batch : (tile + 1) * batch, :, h, :] = means[layer][:, h, :]
-                return z
-
-            return hook
-
-        def record(layer: int, into: dict[int, torch.Tensor], n_tiles: int) -> Callable[..., None]:
-            def hook(pattern: torch.Tensor, hook: Any) -> None:
-                into[layer] = _stripe(pattern.detach(), seq_len).reshape(n_tiles, batch, n_heads).mean(1)
-
-            return hook
-
-        fwd: list[tuple[str, Callable[..., Any]]] = [(z_names[l], ablate(l, tiles)) for l, tiles in by_layer.items()]
-        fwd += [(p_names[l], record(l, induction, len(chunk))) for l in range(n_layers)]
-        tiled = tokens.repeat(len(chunk), 1)
-        with model.hooks(fwd_hooks=fwd):
-            ablated = model(tiled)
-        early, late = in_context_losses(ablated, tiled, seq_len)
-        for tile, (l, h) in enumerate(chunk):
-            rows = slice(tile * batch, (tile + 1) * batch)
-            effects[l, h] = (late[rows] - early[rows]).mean() - clean_icl
-            ind_change[l, h] = torch.stack([induction[r][tile] for r in range(n_layers)]) - clean_ind
-        del ablated
-    return AblationSweep(effects, ind_change, clean_ind)
+    return pattern[:, :, q, q - n + 1].mean(-1)

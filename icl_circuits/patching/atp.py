@@ -52,8 +52,10 @@ import torch
 from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
+from icl_circuits.models.attention import score_vectors
 from icl_circuits.patching.exact import Direction, PatchEffects, check_inputs
-from icl_circuits.patching.resume import answer_direction, fused_activations
+from icl_circuits.patching.resume import fused_activations, unembed_ld
+from icl_circuits.shapes import expand_kv
 
 HEAD_ACTIVATIONS = ("z", "q", "k", "v", "pattern")
 ESTIMATORS = ("atp", "atp_qk", "atp_star")
@@ -123,7 +125,8 @@ class AtPResult:
 
     ``atp``: plain AtP (signed). ``atp_qk``: with the QK fix (signed; equals ``atp`` except for
     ``q``/``k``). ``atp_star``: QK fix + GradDrop (unsigned magnitude; ``None`` when not computed).
-    ``qk_term``: for head outputs over all positions, the part of ``atp_qk`` due to the pattern change.
+    ``qk_term``: for head outputs over all positions, the part of ``atp_qk`` due to the pattern change
+    (``None`` where attention is not ``softmax(q.k / sqrt(d)) @ v``, e.g. attention soft-capping: ``notes`` says so).
     """
 
     activation: str
@@ -135,6 +138,7 @@ class AtPResult:
     qk_term: torch.Tensor | None
     clean_logit_diff: torch.Tensor
     corrupted_logit_diff: torch.Tensor
+    notes: tuple[str, ...] = ()  # what this model did not allow (e.g. no QK split), said in words
 
     @property
     def _base_ld(self) -> torch.Tensor:
@@ -226,7 +230,8 @@ class AtPResult:
 
 def _names(l: int) -> dict[str, str]:
     a = f"blocks.{l}.attn."
-    return {k: a + f"hook_{k}" for k in ("z", "q", "k", "v", "pattern", "attn_scores", "rot_q", "rot_k")}
+    kinds = ("z", "q", "k", "v", "pattern", "attn_scores", "rot_q", "rot_k", "cos", "sin", "q_normed", "k_normed")
+    return {k: a + f"hook_{k}" for k in kinds}
 
 
 def _forward_cache(
@@ -254,6 +259,7 @@ def _backward_passes(
     drops: list[int | None],
     consume: Callable[[int | None, dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
     progress: bool,
+    notes: list[str] | None = None,
 ) -> torch.Tensor:
     """One forward of the base run, then one backward per entry of ``drops`` (``None``: plain; ``l``:
     gradient into layer ``l``'s attention and MLP writes zeroed), each handed to ``consume(drop, grads,
@@ -286,7 +292,7 @@ def _backward_passes(
 
     present = [n for n in names if n in model.hook_dict]
     fwd_hooks = [("blocks.0.hook_resid_pre", leaf_hook), *((n, fwd(n)) for n in present)]
-    forward_only = ("attn_scores", "rot_q", "rot_k")
+    forward_only = ("attn_scores", "rot_q", "rot_k", "hook_cos", "hook_sin", "q_normed", "k_normed")
     bwd_hooks: list[tuple[str, Any]] = [(n, bwd(n)) for n in present if not n.endswith(forward_only)]
     for l in {d for d in drops if d is not None}:
         bwd_hooks += [(f"blocks.{l}.hook_attn_out", cut(l)), (f"blocks.{l}.hook_mlp_out", cut(l))]
@@ -294,7 +300,15 @@ def _backward_passes(
         fwd_hooks.append(("ln_final.hook_out", lambda x, hook: state.update(normed=x)))
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
         logits = model(tokens)
-        ld = ld_fn(logits, state.get("normed"))
+        ld = ld_fn(logits, None)  # from the model's real logits
+        if state.get("normed") is not None:  # the cheap form, used only where it reproduces them
+            cheap = ld_fn(logits, state["normed"])
+            gap = float((cheap.detach() - ld.detach()).abs().max())
+            if gap <= 1e-4 * (1.0 + float(ld.detach().abs().max())):
+                ld = cheap
+            elif notes is not None:
+                notes.append(f"the logits are not ln_final.hook_out @ W_U (+ b_U, soft-cap) on this model (LD "
+                             f"gap {gap:.2e}: an unembedding transform); gradients taken through the full logits")
         total = ld.sum()
         for drop in tqdm(drops, desc="AtP backward passes", unit="pass", disable=not progress):
             state["drop"] = drop
@@ -315,10 +329,11 @@ class _Layer:
     src: dict[str, torch.Tensor]
     scale: float
     group: int  # query heads per key/value head
+    softcapped: bool = False  # cfg.attn_scores_soft_cap > 0: scores = cap tanh(q.k * scale / cap)
 
     def expand(self, t: torch.Tensor) -> torch.Tensor:
         """``[batch, pos, n_kv, d] -> [batch, pos, n_heads, d]``."""
-        return t.repeat_interleave(self.group, dim=2) if self.group > 1 else t
+        return expand_kv(t, t.shape[2] * self.group, dim=2)
 
     def pattern(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``softmax(q k^T * scale)`` with the base run's mask: ``[batch, head, q_pos, k_pos]``."""
@@ -331,19 +346,21 @@ class _Layer:
 
 
 def _layer(model: Any, base: dict[str, torch.Tensor], src: dict[str, torch.Tensor], l: int) -> _Layer:
+    """Layer ``l``'s activations; ``qe``/``ke``: the query/key as they enter the scores
+    (:func:`~icl_circuits.models.attention.score_vectors`: ``hook_rot_q/k`` where they fire, else rotated here)."""
     names = _names(l)
     pick = {k: names[k] for k in ("z", "q", "k", "v", "pattern", "attn_scores")}
-    rotary = names["rot_q"] in base and names["rot_k"] in base
-    pick["qe"], pick["ke"] = (names["rot_q"], names["rot_k"]) if rotary else (names["q"], names["k"])
     missing = [v for v in pick.values() if v not in base or v not in src]
     if missing:
         raise InputError(f"these hook points did not fire on this model: {missing[:4]}; AtP needs them")
+    (qb, kb), (qs, ks) = score_vectors(model, base, l), score_vectors(model, src, l)
     n_heads, n_kv = base[names["q"]].shape[2], base[names["k"]].shape[2]
     return _Layer(
-        base={k: base[v] for k, v in pick.items()},
-        src={k: src[v] for k, v in pick.items()},
+        base={**{k: base[v] for k, v in pick.items()}, "qe": qb, "ke": kb},
+        src={**{k: src[v] for k, v in pick.items()}, "qe": qs, "ke": ks},
         scale=float(base[names["q"]].shape[-1]) ** -0.5,
         group=n_heads // n_kv,
+        softcapped=float(getattr(model.cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0,
     )
 
 
@@ -397,8 +414,9 @@ def _check_attention(d: _Layer, layer: int) -> None:
     zgap = float((z - d.base["z"]).abs().max())
     tol = 1e-3 * (1.0 + float(scores[ok].abs().max()))
     if gap > tol or zgap > 1e-3 * (1.0 + float(d.base["z"].abs().max())):
+        why = " (attention soft-capping)" if d.softcapped else ""
         raise InputError(
-            f"layer {layer}: attention is not softmax(q.k / sqrt(d_head)) @ v on this model (score gap {gap:.1e}, "
+            f"layer {layer}{why}: attention is not softmax(q.k / sqrt(d_head)) @ v on this model (score gap {gap:.1e}, "
             f"output gap {zgap:.1e}), so the QK fix does not apply; use plain AtP on 'z' or exact patching"
         )
 
@@ -440,23 +458,32 @@ def attribution_patch(
     names = [n for l in range(n_layers) for n in _names(l).values()]
     src: dict[str, torch.Tensor] = {}
     rows = torch.arange(base_tokens.shape[0])
-    answer_dir, answer_bias = answer_direction(model, answer_tokens, contrast_tokens)
 
     def ld_fn(logits: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
         if normed is None:
             return logits[rows, positions, answer_tokens] - logits[rows, positions, contrast_tokens]
-        return (normed[rows, positions] * answer_dir).sum(-1) + answer_bias
+        return unembed_ld(model, normed[rows, positions], answer_tokens, contrast_tokens)
 
     results: dict[int | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     layers: list[_Layer] = []
     needs_qk = activation in ("q", "k") or (activation == "z" and not per_position)
+    notes: list[str] = []
+    qk_split = {"on": True}  # False: attention is not softmax(q.k)v here; for z the split is dropped, never faked
 
     def consume(drop: int | None, grads: dict[str, torch.Tensor], acts: dict[str, torch.Tensor]) -> None:
         if not layers:
             layers.extend(_layer(model, acts, src, l) for l in range(n_layers))
             for l, d in enumerate(layers):
-                if needs_qk:
+                if not needs_qk:
+                    break
+                try:
                     _check_attention(d, l)
+                except InputError as e:
+                    if activation != "z":
+                        raise
+                    notes.append(f"{e}; plain AtP on z is unaffected, the QK split (qk_term) is not computed")
+                    qk_split["on"] = False
+                    break
         lin, fixed, qk = [], [], []
         for l, d in enumerate(layers):
             g = {k: grads[v] for k, v in _names(l).items() if v in grads}
@@ -464,12 +491,16 @@ def attribution_patch(
                 g.setdefault(k, torch.zeros_like(d.base[k]))  # a path cut by GradDrop delivers no gradient
             if drop is None:
                 lin.append(_linear(d, activation, g, per_position))
-            est, term = _qk_fixed(d, activation, g, per_position)
+            est, term = (
+                _qk_fixed(d, activation, g, per_position)
+                if qk_split["on"]
+                else (_linear(d, activation, g, per_position), None)
+            )
             fixed.append(est)
             qk.append(term)
         terms = [t for t in qk if t is not None]
         results[drop] = (
-            torch.stack(lin) if lin else torch.empty(0),
+            torch.stack(lin) if lin else torch.empty(0, device=fixed[0].device),
             torch.stack(fixed),
             torch.stack(terms) if len(terms) == n_layers else None,
         )
@@ -478,7 +509,7 @@ def attribution_patch(
     with fused_activations(model, fast_activations):
         src_acts, src_ld = _forward_cache(model, src_tokens, names, ld_fn)
         src.update(src_acts)
-        base_ld = _backward_passes(model, base_tokens, names, ld_fn, drops, consume, progress)
+        base_ld = _backward_passes(model, base_tokens, names, ld_fn, drops, consume, progress, notes)
     clean_ld, corrupted_ld = (src_ld, base_ld) if denoising else (base_ld, src_ld)
 
     def grid(t: torch.Tensor) -> torch.Tensor:  # [layer, batch, (pos,) head] -> [layer, (pos,) head, batch]
@@ -498,4 +529,5 @@ def attribution_patch(
         qk_term=None if qk is None else grid(qk),
         clean_logit_diff=clean_ld,
         corrupted_logit_diff=corrupted_ld,
+        notes=tuple(notes),
     )

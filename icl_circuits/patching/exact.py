@@ -375,7 +375,7 @@ def _sweep(
     base.check()
     batch = base.batch
     sub_axes, layer_cells = _cells(activation, per_position, base.acts[names[0]])
-    out = torch.empty(n_layers, len(layer_cells), batch)
+    out = torch.empty(n_layers, len(layer_cells), batch, device=base.logit_diff.device)  # the model's device
     jobs: list[tuple[int, list[int]]] = []
     for l in range(n_layers):
         src, own = source.acts[names[l]], base.acts[names[l]]

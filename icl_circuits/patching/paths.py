@@ -46,10 +46,10 @@ from tqdm.auto import tqdm
 from icl_circuits.errors import InputError
 from icl_circuits.patching.exact import Direction, PatchEffects, check_inputs
 from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.shapes import Head, check_heads, n_kv_heads
 
 RECEIVER_INPUTS = ("q", "k", "v")
 ReceiverInput = Literal["q", "k", "v"]
-Head = tuple[int, int]
 
 
 class _Captured(Exception):
@@ -58,23 +58,14 @@ class _Captured(Exception):
 
 def _heads(name: str, heads: Any, n_layers: int, n_heads: int, what: str) -> list[Head]:
     """``heads`` as a de-duplicated list of ``(layer, head)`` in range; InputError naming ``name`` otherwise."""
-    try:
-        out = [(int(l), int(h)) for l, h in heads]
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{name} must be a sequence of (layer, head) pairs, got {heads!r}") from e
-    if not out:
-        raise InputError(f"{name} is empty: give at least one (layer, head)")
-    bad = [(l, h) for l, h in out if not (0 <= l < n_layers and 0 <= h < n_heads)]
-    if bad:
-        raise InputError(f"{name} {bad} outside the model ({n_layers} layers x {n_heads} {what})")
-    return list(dict.fromkeys(out))
+    return check_heads(heads, n_layers, n_heads, what=name, unit=what, allow_empty=False)
 
 
 def _n_receiver_heads(model: Any, receiver_input: str) -> tuple[int, str]:
     n_heads = int(model.cfg.n_heads)
     if receiver_input == "q":
         return n_heads, "query heads"
-    n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or n_heads)
+    n_kv = n_kv_heads(model)
     return n_kv, "key/value heads" if n_kv != n_heads else "heads"
 
 

@@ -9,20 +9,26 @@ size, batch 8 x 32).
 
 How it works: :func:`capture_run` runs the model once with a forward pre-hook on every block that
 records the positional and keyword arguments the Hugging Face model passes to it (attention mask,
-rotary ``position_embeddings``, position ids...). :meth:`BaseRun.logit_diff_from` then calls
+rotary ``position_embeddings``, position ids...). :meth:`BaseRun.final_from` then calls
 ``model.blocks[l](x, *args, **kwargs)`` for ``l..L-1`` directly -- the bridge's own block modules, so
 its hook points fire and ``model.hooks(...)`` patches apply -- with those arguments tiled to the
 ``n`` copies of the batch in ``x`` (tensors whose first axis is the batch), the KV cache dropped.
-The final norm is applied to the answer position only, and only the answer-minus-contrast
-unembedding column is used::
+The final norm is applied at the positions the caller reads only (``ln_final(x[read_pos])``, the
+unembedding's input); :meth:`BaseRun.logit_diff_from` reads the answer position and uses only the
+answer-minus-contrast unembedding column::
 
     LD = ln_final(x[answer_pos]) . (W_U[:, answer] - W_U[:, contrast]) + b_U[answer] - b_U[contrast]
 
-so a patched run never builds the ``[batch, pos, d_vocab]`` logits.
+so a patched run never builds the ``[batch, pos, d_vocab]`` logits. (Mean ablation with a loss metric,
+:mod:`icl_circuits.patching.ablation`, reads many positions and unembeds them itself.)
+With final-logit soft-capping
+(Gemma-2: ``logit = cap tanh(u / cap)``, ``cfg.output_logits_soft_cap``) the answer and contrast logits are
+capped separately, ``LD = cap tanh(u_a / cap) - cap tanh(u_c / cap)`` (:func:`unembed_ld`). Any other
+transform of the unembedding is refused by :meth:`BaseRun.check`, naming it.
 
 Two shortcuts for sequential blocks (``mid = x + attn(x)``, ``out = mid + mlp(ln2(mid))``; not
 ``parallel_attn_mlp``): the last block stops at its ``hook_resid_mid`` (a hook raises) and its MLP
-runs at the answer positions only; and a run may start at a block's mid-residual (used for head
+runs at the read positions only; and a run may start at a block's mid-residual (used for head
 outputs, whose patch is ``(z' - z) @ W_O`` added there, so the patched layer's attention is skipped).
 
 Safety: :meth:`BaseRun.check` resumes at the last block on two copies, whole, and compares with the
@@ -137,6 +143,10 @@ class BaseRun:
     answer_dir: torch.Tensor
     answer_bias: torch.Tensor
     sequential: bool = False
+    logits: torch.Tensor | None = None  # [batch, pos, d_vocab] of the full forward, when capture_run kept them
+    answer_tokens: torch.Tensor | None = None
+    contrast_tokens: torch.Tensor | None = None
+    unembed_gap: float = 0.0  # max |LD from the logits - LD from ln_final . W_U| on the captured run
 
     @property
     def batch(self) -> int:
@@ -162,20 +172,22 @@ class BaseRun:
         block = self.model.blocks[layer]
         return mid + block.mlp(block.ln2(mid))
 
-    def logit_diff_from(
+    def final_from(
         self,
         layer: int,
         x: torch.Tensor,
         fwd_hooks: Sequence[tuple[str, Any]] = (),
         *,
+        positions: torch.Tensor | None = None,
         mid: bool = False,
         shortcut: bool = True,
     ) -> torch.Tensor:
         """Run blocks ``layer..L-1`` on ``x [n * batch, pos, d_model]`` (copy-major) under ``fwd_hooks``.
 
-        ``mid=True``: ``x`` is the mid-residual of ``layer`` (its attention already applied; needs
-        ``sequential``). ``shortcut=False`` runs every block whole, as the model does. Returns
-        ``[n * batch]``: each row's answer-minus-contrast logit difference at its answer position.
+        Returns ``ln_final`` of the final residual at ``positions [batch, P]`` (each example's read
+        positions, the same in every copy; ``None``: all positions): ``[n * batch, P, d_model]``, the
+        input of the unembedding. ``mid=True``: ``x`` is the mid-residual of ``layer`` (its attention
+        already applied; needs ``sequential``). ``shortcut=False`` runs every block whole, as the model does.
         """
         rows = int(x.shape[0])
         if rows % self.batch:
@@ -183,7 +195,9 @@ class BaseRun:
         if mid and not self.sequential:
             raise InputError("a run can start at a mid-residual only on a model verified sequential (check())")
         n, last = rows // self.batch, self.n_layers - 1
-        at_answer = (torch.arange(rows), self.positions.repeat(n))
+        if positions is None:
+            positions = torch.arange(x.shape[1]).expand(self.batch, -1)
+        at_read = (torch.arange(rows)[:, None], positions.to(x.device).repeat(n, 1))  # -> [rows, P, d_model]
         armed = {"on": False}
 
         def stop(t: torch.Tensor, hook: Any) -> None:
@@ -196,14 +210,14 @@ class BaseRun:
             hooks.append((f"blocks.{last}.hook_resid_mid", stop))
         with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
             if mid and layer == last:
-                final = self._mlp_tail(last, x[at_answer].unsqueeze(1)).squeeze(1)
+                final = self._mlp_tail(last, x[at_read])
             else:
                 if mid:
                     x = self._mlp_tail(layer, x)
                     layer += 1
                 for l in range(layer, last if fast else last + 1):
                     x = self._call_block(l, x, n)
-                if fast:  # the last block: attention everywhere, the MLP at the answer positions only
+                if fast:  # the last block: attention everywhere, the MLP at the read positions only
                     armed["on"] = True
                     try:
                         self._call_block(last, x, n)
@@ -212,11 +226,31 @@ class BaseRun:
                         x = stopped.value
                     finally:
                         armed["on"] = False
-                    final = self._mlp_tail(last, x[at_answer].unsqueeze(1)).squeeze(1)
+                    final = self._mlp_tail(last, x[at_read])
                 else:
-                    final = x[at_answer]  # [rows, d_model]
-            normed = self.model.ln_final(final.unsqueeze(1)).squeeze(1)
-        return (normed * self.answer_dir.repeat(n, 1)).sum(-1) + self.answer_bias.repeat(n)
+                    final = x[at_read]  # [rows, P, d_model]
+            return self.model.ln_final(final)
+
+    def logit_diff_from(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
+        *,
+        mid: bool = False,
+        shortcut: bool = True,
+    ) -> torch.Tensor:
+        """:meth:`final_from` read at the answer positions: ``[n * batch]``, each row's
+        answer-minus-contrast logit difference (:meth:`ld_from_normed`)."""
+        n = int(x.shape[0]) // self.batch
+        normed = self.final_from(layer, x, fwd_hooks, positions=self.positions[:, None], mid=mid, shortcut=shortcut)
+        return self.ld_from_normed(normed[:, 0], n)
+
+    def ld_from_normed(self, normed: torch.Tensor, n: int = 1) -> torch.Tensor:
+        """``[n * batch]`` logit differences from the final normed residual at the answer, ``[n * batch, d_model]``."""
+        if not softcap(self.model) or self.answer_tokens is None or self.contrast_tokens is None:
+            return (normed * self.answer_dir.repeat(n, 1)).sum(-1) + self.answer_bias.repeat(n)
+        return unembed_ld(self.model, normed, self.answer_tokens.repeat(n), self.contrast_tokens.repeat(n))
 
     def resid(self, layer: int) -> torch.Tensor:
         """``[batch, pos, d_model]``: the cached residual entering block ``layer``."""
@@ -235,12 +269,20 @@ class BaseRun:
         last = self.n_layers - 1
         expected = self.logit_diff.repeat(2)
         tol = atol * (1.0 + float(self.logit_diff.abs().max()))
+        if not self.unembed_gap <= tol:
+            capped = " with soft-capping" if softcap(self.model) else ""
+            raise InputError(
+                f"this model's logits are not ln_final(x) @ W_U + b_U{capped}"
+                f" (the logit difference differs by {self.unembed_gap:.2e}): an unembedding transform this module does "
+                "not reproduce; exact patching is unsupported for this architecture -- use transformer_lens.patching"
+            )
         ours = self.logit_diff_from(last, self.resid(last).repeat(2, 1, 1), shortcut=False)
         gap = float((ours - expected).abs().max())
         if not gap <= tol:
             raise InputError(
                 f"resuming block {last} of this model reproduces the logit difference only to {gap:.2e} "
-                "(the blocks read inputs this module does not capture); exact patching is unsupported "
+                "(the blocks read inputs this module does not capture: the unembedding reproduces the logits, so the "
+                "difference is inside the blocks); exact patching is unsupported "
                 "for this architecture -- use transformer_lens.patching instead"
             )
         self.sequential = False
@@ -267,11 +309,15 @@ def capture_run(
     answer_tokens: torch.Tensor,
     contrast_tokens: torch.Tensor,
     positions: torch.Tensor,
+    *,
+    keep_logits: bool = False,
 ) -> BaseRun:
-    """One no-grad forward of ``tokens [batch, pos]`` caching ``names`` (plus every ``hook_resid_pre``)."""
+    """One no-grad forward of ``tokens [batch, pos]`` caching ``names`` (plus every ``hook_resid_pre``);
+    ``keep_logits``: also keep its ``[batch, pos, d_vocab]`` logits (``BaseRun.logits``)."""
     n_layers = len(model.blocks)
     resid = [f"blocks.{l}.hook_resid_{w}" for l in range(n_layers) for w in ("pre", "mid")]
     wanted = [n for n in dict.fromkeys([*names, *resid]) if not n.endswith("hook_resid_mid") or n in model.hook_dict]
+    final = "ln_final.hook_out" if "ln_final.hook_out" in model.hook_dict else None
     acts: dict[str, torch.Tensor] = {}
 
     def make(name: str) -> Any:
@@ -281,7 +327,8 @@ def capture_run(
         return hook
 
     sink: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * n_layers
-    with torch.no_grad(), _block_inputs(model, sink), model.hooks(fwd_hooks=[(n, make(n)) for n in wanted]):
+    hooks = [(n, make(n)) for n in [*wanted, *([final] if final else [])]]
+    with torch.no_grad(), _block_inputs(model, sink), model.hooks(fwd_hooks=hooks):
         logits = model(tokens)
     missing = [n for n in wanted if n not in acts and not n.endswith("hook_resid_mid")]  # mid: only for shortcuts
     if missing or any(s is None for s in sink):
@@ -289,7 +336,7 @@ def capture_run(
     rows = torch.arange(tokens.shape[0])
     ld = logits[rows, positions, answer_tokens] - logits[rows, positions, contrast_tokens]
     answer_dir, answer_bias = answer_direction(model, answer_tokens, contrast_tokens)
-    return BaseRun(
+    run = BaseRun(
         model=model,
         acts=acts,
         block_args=[s for s in sink if s is not None],
@@ -297,7 +344,41 @@ def capture_run(
         logit_diff=ld.detach().float(),
         answer_dir=answer_dir,
         answer_bias=answer_bias,
+        logits=logits.detach() if keep_logits else None,
+        answer_tokens=answer_tokens,
+        contrast_tokens=contrast_tokens,
     )
+    if final is not None:  # the unembedding this module applies, against the model's own logits
+        direct = run.ld_from_normed(acts.pop(final)[rows, positions])
+        run.unembed_gap = float((direct.float() - run.logit_diff).abs().max())
+    return run
+
+
+def softcap(model: Any) -> float:
+    """The final-logit soft-cap of ``model`` (``cfg.output_logits_soft_cap``), 0.0 when it has none."""
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    return float(cap) if isinstance(cap, (int, float)) and cap > 0 else 0.0
+
+
+def unembed(model: Any, normed: torch.Tensor) -> torch.Tensor:
+    """``[..., d_vocab]`` logits from the final normed residual ``[..., d_model]``: ``W_U``, ``b_U``, soft-cap."""
+    logits = normed @ model.W_U.detach()
+    b_u = getattr(model, "b_U", None)
+    if b_u is not None:
+        logits = logits + b_u.detach()
+    cap = softcap(model)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def unembed_ld(model: Any, normed: torch.Tensor, answer: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """``[rows]``: ``logit[answer] - logit[contrast]`` from ``normed [rows, d_model]`` (two columns, soft-capped)."""
+    w_u = model.W_U.detach()
+    b_u = getattr(model, "b_U", None)
+    la, lc = (normed * w_u[:, answer].T).sum(-1), (normed * w_u[:, contrast].T).sum(-1)
+    if b_u is not None:
+        la, lc = la + b_u.detach()[answer], lc + b_u.detach()[contrast]
+    cap = softcap(model)
+    return cap * (torch.tanh(la / cap) - torch.tanh(lc / cap)) if cap else la - lc
 
 
 def answer_direction(

@@ -5,9 +5,10 @@ one of :data:`ROLE_NAMES`: ``template`` (BOS and the template prefix), ``demo_ke
 ``demo_label``, ``demo_sep`` (each with the index of its demo), ``query_key``, ``query_arrow`` (the
 answer position). Multi-token keys and labels get the role of every one of their tokens.
 
-Two ways to get them: :func:`roles_from_tokens` parses token ids with a single-token arrow and
-separator (the fixture corpus); :func:`roles_from_prompts` tokenizes the prompt text cut after each
-piece, for any template and tokenizer, and checks the cuts are prefixes of the prompt's tokens.
+Two ways to find the pieces, one labelling: :func:`roles_from_tokens` finds the arrow and separator
+token ids (one token each or several) in the ids, for prompts given as ids only; :func:`roles_from_prompts`
+tokenizes the prompt text cut after each piece, for any template and tokenizer (pieces a BPE merges
+with a neighbour are caught), and checks the cuts are prefixes of the prompt's tokens.
 :func:`render_examples` renders few-shot examples to tokens, roles and answers in one step.
 
 Cost: ``roles_from_prompts`` tokenizes ``4 * shots + 3`` prefixes per prompt.
@@ -53,22 +54,49 @@ class PromptRoles:
         return int(self.demo_index.max()) + 1 if self.demo_index.numel() else 0
 
 
+def _find(row: list[int], pattern: list[int], lo: int, hi: int) -> list[int]:
+    """Start positions of the non-overlapping occurrences of ``pattern`` inside ``row[lo:hi]``, left to right."""
+    out, p, m = [], lo, len(pattern)
+    while p + m <= hi:
+        if row[p : p + m] == pattern:
+            out.append(p)
+            p += m
+        else:
+            p += 1
+    return out
+
+
+def _assign(roles: torch.Tensor, demo: torch.Tensor, b: int, start: int, pieces: list[tuple[int, int, int]]) -> int:
+    """Label row ``b`` piece by piece: ``pieces`` are ``(end, role, demo_index)``, each covering
+    ``start..end - 1`` after the previous one. Returns the end of the last piece."""
+    for end, role, idx in pieces:
+        roles[b, start:end], demo[b, start:end] = role, idx
+        start = end
+    return start
+
+
 def roles_from_tokens(
     tokens: torch.Tensor,
     *,
-    arrow_id: int,
-    sep_id: int,
+    arrow_id: int | Sequence[int],
+    sep_id: int | Sequence[int],
     last_positions: torch.Tensor | None = None,
     prefix_len: int = 1,
 ) -> PromptRoles:
-    """Roles of prompts ``tokens [batch, pos]`` in the ``[prefix] k -> v SEP ... kq ->`` format with
-    single-token arrow and separator (the fixture corpus: ``prefix_len=1`` for ``<bos>``).
+    """Roles of prompts ``tokens [batch, pos]`` in the ``[prefix] k -> v SEP ... kq ->`` format, found from
+    the token ids of the arrow and the separator (one id each, or a sequence for multi-token ones; the
+    fixture corpus: single tokens, ``prefix_len=1`` for ``<bos>``). For text templates whose pieces a
+    tokenizer may merge, :func:`roles_from_prompts` cuts the text instead.
 
     Raises:
         TokenizationError: a prompt that does not end with the arrow, or a demo without an arrow.
     """
     if tokens.ndim != 2:
         raise InputError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+    arrow = [arrow_id] if isinstance(arrow_id, int) else [int(i) for i in arrow_id]
+    sep = [sep_id] if isinstance(sep_id, int) else [int(i) for i in sep_id]
+    if not arrow or not sep:
+        raise InputError("arrow_id and sep_id must each name at least one token")
     batch, width = tokens.shape
     last = last_positions if last_positions is not None else torch.full((batch,), width - 1, dtype=torch.long)
     roles = torch.full((batch, width), -1, dtype=torch.long)
@@ -76,20 +104,19 @@ def roles_from_tokens(
     for b in range(batch):
         t = int(last[b])
         row = tokens[b, : t + 1].tolist()
-        if row[t] != arrow_id:
-            raise TokenizationError(f"prompt {b} does not end with the arrow token {arrow_id} (ends with {row[t]})")
-        roles[b, :prefix_len] = 0
-        start, i = prefix_len, 0
-        seps = [p for p in range(prefix_len, t) if row[p] == sep_id]
-        for end in seps:  # demo i spans start..end (end = its separator)
-            arrows = [p for p in range(start, end) if row[p] == arrow_id]
+        q_arrow = t + 1 - len(arrow)
+        if row[q_arrow:] != arrow:
+            raise TokenizationError(f"prompt {b} does not end with the arrow {arrow} (ends with {row[q_arrow:]})")
+        pieces = [(prefix_len, 0, -1)]
+        start = prefix_len
+        for i, s_pos in enumerate(_find(row, sep, prefix_len, q_arrow)):  # demo i spans start..its separator
+            arrows = _find(row, arrow, start, s_pos)
             if not arrows:
-                raise TokenizationError(f"prompt {b}: demo {i} (positions {start}..{end}) has no arrow token")
+                raise TokenizationError(f"prompt {b}: demo {i} (positions {start}..{s_pos}) has no arrow")
             a = arrows[0]
-            roles[b, start:a], roles[b, a], roles[b, a + 1 : end], roles[b, end] = 1, 2, 3, 4
-            demo[b, start : end + 1] = i
-            start, i = end + 1, i + 1
-        roles[b, start:t], roles[b, t] = 5, 6
+            pieces += [(a, 1, i), (a + len(arrow), 2, i), (s_pos, 3, i), (s_pos + len(sep), 4, i)]
+            start = s_pos + len(sep)
+        _assign(roles, demo, b, 0, [*pieces, (q_arrow, 5, -1), (t + 1, 6, -1)])
     return PromptRoles(roles, demo, last.clone())
 
 
@@ -109,21 +136,20 @@ def roles_from_prompts(model: Any, prompts: Any, template: Any) -> PromptRoles:
     arrow, lead = template.io_sep.rstrip(), template.answer_lead
     for b, prompt in enumerate(prompts.prompts):
         ex, full = prompt.example, list(prompts.tokens[b])
-        pieces: list[tuple[str, int, int]] = [(template.prefix, 0, -1)]
+        texts: list[tuple[str, int, int]] = [(template.prefix, 0, -1)]
         for i, d in enumerate(ex.demos):
-            pieces += [(d.input, 1, i), (arrow, 2, i), (lead + d.output, 3, i), (template.demo_sep, 4, i)]
-        pieces += [(ex.query.input, 5, -1), (arrow, 6, -1)]
-        text, prev = "", 1
-        roles[b, 0] = 0
-        for piece, role, idx in pieces:
+            texts += [(d.input, 1, i), (arrow, 2, i), (lead + d.output, 3, i), (template.demo_sep, 4, i)]
+        texts += [(ex.query.input, 5, -1), (arrow, 6, -1)]
+        text, pieces = "", [(1, 0, -1)]  # BOS
+        for piece, role, idx in texts:
             text += piece
             ids = encode(model, text)
             if ids != full[: len(ids)]:
                 raise TokenizationError(f"prompt {b}: the tokens of {text!r} are not a prefix of the prompt's tokens")
-            roles[b, prev : len(ids)], demo[b, prev : len(ids)] = role, idx
-            prev = len(ids)
-        if prev != len(full):
-            raise TokenizationError(f"prompt {b}: roles cover {prev} of {len(full)} tokens")
+            pieces.append((len(ids), role, idx))
+        covered = _assign(roles, demo, b, 0, pieces)
+        if covered != len(full):
+            raise TokenizationError(f"prompt {b}: roles cover {covered} of {len(full)} tokens")
     return PromptRoles(roles, demo, last)
 
 

@@ -9,12 +9,17 @@ a causal model are unaffected by padding) with ``logits = model(tokens)[b, t]``:
   that compatibility mode's centred unembedding adds);
 * ``prob``: ``softmax(logits)[answer]``.
 
+Readouts at the answer position ``t`` of each right-padded prompt (a causal model's logits there do
+not see the padding): :func:`padded_batch` pads ragged prompts, :func:`batch_chunks` cuts a batch into
+chunks without their all-padding columns, :func:`answer_logits` gives ``[batch, d_vocab]`` under optional
+hooks, and :func:`scores_from_logits` turns those into :class:`Scores`.
+
 Cost: one forward per ``batch_size`` prompts; the full-vocabulary logits of a batch are held at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +59,103 @@ class Scores:
         }
 
 
+def padded_batch(
+    model: Any, tokens: Sequence[Sequence[int]] | torch.Tensor, last: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens [batch, pos]`` (right-padded when given ragged lists) and ``last_positions [batch]``."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.ndim != 2 or tokens.is_floating_point():
+            raise InputError(f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)}")
+        full = torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long)
+        return tokens.long(), (full if last is None else last.long())
+    return pad_right(tokens, pad_token_id(model))
+
+
+def batch_chunks(
+    tokens: torch.Tensor, last: torch.Tensor, batch_size: int
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """``(rows, chunk [b, width], last [b])`` with columns that are padding for the whole chunk dropped."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    for lo in range(0, tokens.shape[0], batch_size):
+        pos = last[lo : lo + batch_size]
+        yield slice(lo, lo + len(pos)), tokens[lo : lo + batch_size, : int(pos.max()) + 1], pos
+
+
 @torch.no_grad()
+def answer_logits(
+    model: Any,
+    tokens: Sequence[Sequence[int]] | torch.Tensor,
+    last_positions: torch.Tensor | None = None,
+    *,
+    batch_size: int = 32,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+) -> torch.Tensor:
+    """``[batch, d_vocab]`` float32 logits at each prompt's last position (ragged lists or ``[batch, pos]``).
+
+    ``fwd_hooks`` are applied inside ``model.hooks(...)`` for every chunk (removed afterwards); a
+    hook sees the chunk ``[b, width, ...]``, with ``width`` the chunk's longest prompt.
+    """
+    padded, last = padded_batch(model, tokens, last_positions)
+    device = getattr(model.cfg, "device", None) or "cpu"
+    out = []
+    for _, chunk, pos in batch_chunks(padded, last, batch_size):
+        with model.hooks(fwd_hooks=list(fwd_hooks)):
+            logits = model(chunk.to(device))
+        out.append(logits[torch.arange(len(chunk)), pos.to(logits.device)].float().cpu())
+    return torch.cat(out)
+
+
+def scores_from_logits(final: torch.Tensor, answer_ids: torch.Tensor, contrast_ids: torch.Tensor | None) -> Scores:
+    """:class:`Scores` from ``final [batch, d_vocab]`` (the module's definitions: argmax correct, strict
+    rank, ``logit[a] - logit[c]`` (NaN without contrasts), softmax probability)."""
+    a = answer_ids.long()[:, None]
+    ans = final.gather(1, a)[:, 0]
+    diff = (
+        ans - final.gather(1, contrast_ids.long()[:, None])[:, 0]
+        if contrast_ids is not None
+        else torch.full_like(ans, float("nan"))
+    )
+    return Scores(
+        correct=final.argmax(-1) == answer_ids,
+        rank=(final > ans[:, None]).sum(-1),
+        logit_diff=diff,
+        prob=final.softmax(-1).gather(1, a)[:, 0],
+    )
+
+
+def label_log_probs(final: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, n_labels]``: log-softmax of ``final [batch, d_vocab]`` restricted to ``label_ids [n_labels]``
+    (renormalised over the labels, as Zhao et al. 2021 read label probabilities)."""
+    return final[:, label_ids.long()].log_softmax(-1)
+
+
+def shrink_coefficient(
+    logits: torch.Tensor, logits_clean: torch.Tensor, logits_zero: torch.Tensor, labels: torch.Tensor | None = None
+) -> float:
+    """How far an in-context update survives a manipulation, along the clean update (all ``[batch, d_vocab]``).
+
+    With ``L`` the log-softmax renormalised over ``labels [n_labels]`` (:func:`label_log_probs`) or, for
+    ``labels=None``, over the full vocabulary, ``u = L(logits) - L(logits_zero)`` and
+    ``u0 = L(logits_clean) - L(logits_zero)``::
+
+        beta = sum_b <u_b, u0_b> / sum_b |u0_b|^2
+
+    1: the clean update; 0: back at the zero-shot prediction (or orthogonal to the clean update);
+    ``< 0``: past it. Any per-row constant added to the logits leaves ``beta`` unchanged.
+    """
+    if not logits.shape == logits_clean.shape == logits_zero.shape or logits.ndim != 2:
+        raise InputError(f"logits must all be [batch, d_vocab], got {tuple(logits.shape)}, "
+                         f"{tuple(logits_clean.shape)}, {tuple(logits_zero.shape)}")  # fmt: skip
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return x.float().log_softmax(-1) if labels is None else label_log_probs(x.float(), labels)
+
+    zero = norm(logits_zero)
+    u, u0 = norm(logits) - zero, norm(logits_clean) - zero
+    return float((u * u0).sum() / u0.pow(2).sum().clamp_min(1e-30))
+
+
 def score_tokens(
     model: Any,
     tokens: Sequence[Sequence[int]] | torch.Tensor,
@@ -68,38 +169,12 @@ def score_tokens(
 
     ``answer_ids``/``contrast_ids [batch]``; without contrasts ``logit_diff`` is NaN.
     """
-    if isinstance(tokens, torch.Tensor):
-        if tokens.ndim != 2:
-            raise InputError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-        padded = tokens.long()
-        last = last_positions if last_positions is not None else torch.full((len(tokens),), tokens.shape[1] - 1)
-    else:
-        padded, last = pad_right(tokens, pad_token_id(model))
+    padded, last = padded_batch(model, tokens, last_positions)
     n = padded.shape[0]
     if answer_ids.shape != (n,) or (contrast_ids is not None and contrast_ids.shape != (n,)):
         raise InputError(f"answer_ids/contrast_ids must be [{n}], got {tuple(answer_ids.shape)}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    device = getattr(model.cfg, "device", None) or "cpu"
-    out: list[torch.Tensor] = []
-    for lo in range(0, n, batch_size):
-        chunk, pos = padded[lo : lo + batch_size], last[lo : lo + batch_size]
-        width = int(pos.max()) + 1  # drop columns that are padding for every prompt of the chunk
-        logits = model(chunk[:, :width].to(device))
-        out.append(logits[torch.arange(len(chunk)), pos.to(logits.device)].float().cpu())
-    final = torch.cat(out)  # [batch, vocab]
-    ans = final.gather(1, answer_ids[:, None].long())[:, 0]
-    diff = (
-        ans - final.gather(1, contrast_ids[:, None].long())[:, 0]
-        if contrast_ids is not None
-        else torch.full_like(ans, float("nan"))
-    )
-    return Scores(
-        correct=final.argmax(-1) == answer_ids,
-        rank=(final > ans[:, None]).sum(-1),
-        logit_diff=diff,
-        prob=final.softmax(-1).gather(1, answer_ids[:, None].long())[:, 0],
-    )
+    final = answer_logits(model, padded, last, batch_size=batch_size)  # [batch, vocab]
+    return scores_from_logits(final, answer_ids, contrast_ids)
 
 
 def score_prompts(model: Any, prompts: PromptSet, *, batch_size: int = 16) -> Scores:

@@ -1,0 +1,153 @@
+"""The analysis registry, every analysis end to end on a small random model, the CLI, the scripts and the notebook."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from icl_circuits import InputError, TaskError
+from icl_circuits.analyze import ANALYSES, Analysis, get_analysis, run_analysis, save_analysis
+from icl_circuits.tasks.prompts import check_task
+from icl_circuits.tasks.registry import get_task
+from tests.helpers import ROOT
+
+SMALL = {  # small settings per analysis so each runs in seconds on the 2-layer random model
+    "shots-and-noise": {"n": 8, "shots": (0, 2, 4), "noise": (0.0, 0.5), "noise_shots": 4},
+    "order": {"n": 2, "n_orders": 4, "queries": 3, "shots": 3},
+    "repetition": {"n": 6, "repeats": (1, 2)},
+    "label-binding": {"n": 8, "heads": [(1, 0), (1, 3)], "n_controls": 2},
+    "information-flow": {"n": 6},
+    "unseen-task": {"n": 6, "shots": (0, 2), "head_shots": 2},
+    "record-vs-circuit": {"n": 4},
+}
+
+
+@pytest.mark.unit
+def test_registry():
+    assert set(ANALYSES) == set(SMALL)
+    assert all(spec.name == name for name, spec in ANALYSES.items())
+    with pytest.raises(InputError, match="known: order, shots-and-noise"):
+        get_analysis("nope")
+
+
+@pytest.mark.fixture
+@pytest.mark.parametrize("name", [n for n in SMALL if n != "record-vs-circuit"])
+def test_analysis_runs_saves_and_reads_its_numbers(name, fixture_like, tmp_path):
+    model, _ = fixture_like
+    result = ANALYSES[name].run(model, seed=3, progress=False, **SMALL[name])
+    assert isinstance(result, Analysis) and result.name == name and result.seed == 3
+    assert len(result.to_dataframe()) > 0 and len(result.plot()) >= 1
+    assert all(s.title and s.body for s in result.sections())
+    assert "<h4>" in result._repr_html_()
+    findings = result.findings()
+    assert isinstance(findings["reading"], str) and findings["reading"]
+    json_path, html_path = save_analysis(result, model, tmp_path, seed=3, n=SMALL[name].get("n"))
+    data = json.loads(json_path.read_text())
+    assert data["analysis"] == name and data["provenance"]["seed"] == 3
+    assert data["provenance"]["model"]["spec"] == str(fixture_like[1])
+    html = html_path.read_text()
+    assert "plotly" in html and "Provenance" in html and html.count('class="reading"') >= 1
+
+
+@pytest.mark.fixture
+def test_readings_are_computed_from_the_numbers(fixture_like):
+    """The reading quotes the measured values; other numbers give another reading."""
+    from dataclasses import replace
+
+    from icl_circuits.analyze.base import fmt
+
+    model, _ = fixture_like
+    r = ANALYSES["shots-and-noise"].run(model, seed=0, progress=False, **SMALL["shots-and-noise"])
+    task = r.tasks[0]
+    a0, a4 = r.value(task, 0, 0.0), r.value(task, 4, 0.0)
+    assert f"{fmt(a0)}" in r.findings()["reading"]
+    fake = tuple({**row, "accuracy": 0.9} if row["shots"] == 4 and row["noise"] == 0 else row for row in r.grid)
+    changed = replace(r, grid=fake)
+    assert "rises from" in changed.findings()["reading"] and "0.90" in changed.findings()["reading"]
+    assert changed.findings()["reading"] != r.findings()["reading"] or a4 == 0.9
+
+
+@pytest.mark.fixture
+def test_same_seed_same_result_other_seed_other_prompts(fixture_like):
+    model, _ = fixture_like
+    kw = {"progress": False, **SMALL["order"]}
+    a = ANALYSES["order"].run(model, seed=1, **kw).to_dict()
+    b = ANALYSES["order"].run(model, seed=1, **kw).to_dict()
+    c = ANALYSES["order"].run(model, seed=2, **kw).to_dict()
+    assert a["rows"] == b["rows"] and a["rows"] != c["rows"]
+
+
+@pytest.mark.fixture
+def test_bad_inputs_raise_project_errors(fixture_like):
+    model, _ = fixture_like
+    with pytest.raises(InputError, match="n=0"):
+        run_analysis("order", model, n=0, progress=False)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        ANALYSES["shots-and-noise"].run(model, n=4, noise=(1.5,), progress=False)
+    with pytest.raises(TaskError, match="unknown task"):
+        run_analysis("information-flow", model, n=2, tasks=["no-such-task"], progress=False)
+
+
+@pytest.mark.real_model
+@pytest.mark.shared
+def test_language_model_path_on_aidreams(aidreams):
+    """A real LM outside the fixture vocabulary: task files usable with its tokenizer, content-free "N/A"."""
+    r = ANALYSES["order"].run(aidreams, n=2, n_orders=3, queries=2, progress=False)
+    assert set(r.content_free.values()) == {"N/A"} and not any(t.startswith("fixture-") for t in r.tasks)
+    assert len(r.tasks) == 2 and all(check_task(aidreams, get_task(t)).task.max_shots >= 5 for t in r.tasks)
+
+
+@pytest.mark.fixture
+def test_no_usable_default_task_says_why(tiny_gpt2):
+    with pytest.raises(TaskError, match="no default task is usable.*antonym"):
+        run_analysis("information-flow", tiny_gpt2, n=2, progress=False)
+
+
+@pytest.mark.fixture
+def test_cli_analyze_writes_json_and_html(fixture_like, tmp_path, capsys):
+    from icl_circuits.cli import main
+
+    _, folder = fixture_like
+    assert main(["analyze", "list"]) == 0
+    assert "information-flow" in capsys.readouterr().out
+    argv = ["analyze", "information-flow", "--model", str(folder), "--n", "3", "--seed", "5", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "information_flow.json").read_text())
+    assert data["seed"] == 5 and data["provenance"]["args"]["n"] == 3
+    assert main(["analyze", "nope", "--model", str(folder)]) == 2
+    assert "unknown analysis 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_scripts_wrap_the_cli(monkeypatch, capsys):
+    import runpy
+
+    scripts = sorted(p for p in (ROOT / "analyses").glob("*.py") if p.stem != "__init__")
+    assert {p.stem.replace("_", "-") for p in scripts} == set(ANALYSES)
+    for path in scripts:
+        monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(path), run_name="__main__")
+        assert done.value.code == 0
+        assert "--tasks" in capsys.readouterr().out  # the help of `icl-circuits analyze`
+    out = subprocess.run([sys.executable, str(scripts[0]), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--model" in out.stdout and "--seed" in out.stdout
+
+
+@pytest.mark.fixture
+def test_tour_notebook_executes(fixture_like, tmp_path, monkeypatch):
+    """``analyses/tour.ipynb`` runs top to bottom (here on the small random model, few prompts)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ICL_TOUR_MODEL", str(fixture_like[1]))
+    monkeypatch.setenv("ICL_TOUR_N", "4")
+    monkeypatch.setenv("ICL_TOUR_OUT", str(tmp_path / "tour"))
+    nb = nbformat.read(ROOT / "analyses" / "tour.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert errors == []
+    assert len(list((tmp_path / "tour").glob("*.html"))) == 6

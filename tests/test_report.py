@@ -1,0 +1,32 @@
+"""The shared HTML report: one self-contained page, escaped text, no remote scripts (icl_circuits.report)."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from icl_circuits.report import Section, render_page, table_html, write_report
+from tests.helpers import REMOTE_SCRIPT
+
+pytestmark = pytest.mark.unit
+
+
+def test_page_has_sections_readings_and_provenance_escaped(tmp_path):
+    sections = [Section("A <b>", "<p id='body-a'>x</p>", reading="rises & falls"), Section("B", "<p>y</p>")]
+    page = render_page("Title <i>", sections, provenance={"seed": 3, "spec": "<model>"})
+    assert page.startswith("<!DOCTYPE html>") and "<title>Title &lt;i&gt;</title>" in page
+    assert "<h2>A &lt;b&gt;</h2>" in page and "<p id='body-a'>x</p>" in page  # bodies are HTML, titles text
+    assert page.count('class="reading"') == 1 and "rises &amp; falls" in page
+    assert "Provenance" in page and "&lt;model&gt;" in page and "&quot;seed&quot;: 3" in page
+    assert page.index("<h2>A") < page.index("<h2>B") and not REMOTE_SCRIPT.search(page)
+    assert len(re.findall(r"<script", page)) == 1  # plotly.js inlined once, in the head
+    path = write_report(tmp_path / "r.html", "T", sections)
+    assert path.read_text() == render_page("T", sections) and "Provenance" not in path.read_text()
+
+
+def test_table_shows_the_first_rows_formatted():
+    df = pd.DataFrame({"x": [0.12345, 2.0, 3.0], "name": ["a", "b", None]})
+    html = table_html(df, max_rows=2)
+    assert "0.123" in html and "2.000" in html and "3.000" not in html and 'class="dataframe icl-table"' in html
