@@ -353,7 +353,7 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
     heads = "auto" if args.heads == "auto" else args.heads
-    run = run_fast_weights(model, args.task, args.shots, heads=heads, n_top=args.top, n_prompts=args.n, seed=args.seed,
+    run = run_fast_weights(model, args.task, args.shots, heads=heads, n_top=args.top, n=args.n, seed=args.seed,
                            transplant=not args.no_transplant, predictions=not args.no_predictions)  # fmt: skip
     cols = ["layer", "head", "demo_share", "answer_dla", "effective_rank", "rank90", "reconstruction_cosine"]
     df = run.to_dataframe().sort_values("answer_dla", ascending=False)
@@ -382,7 +382,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
     task = get_task(args.task, model)
-    att = attribute(model, task, n_shots=args.shots, n=args.n, method=args.method, corruption=args.corruption,
+    att = attribute(model, task, shots=args.shots, n=args.n, method=args.method, corruption=args.corruption,
                     direction=args.direction, seed=args.seed, positions=not args.no_positions,
                     paths=not args.no_paths, function_vectors=args.function_vectors)  # fmt: skip
     print(att.to_dataframe().head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))

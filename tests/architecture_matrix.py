@@ -274,7 +274,7 @@ def cell_function_vectors(model: Any, b: Batch) -> Pair:
     from icl_circuits.tasks.registry import get_task
 
     task = get_task("fixture-bound", model)
-    fv = function_vector_heads(model, [task], n_shots=3, n=4, seed=0)
+    fv = function_vector_heads(model, [task], shots=3, n=4, seed=0)
     pb = patching_batch(model, task, 3, 4, 0)
     rows, last = torch.arange(4), pb.last_positions
     zc = _cache(model, pb.clean_tokens, lambda n: n.endswith("hook_z"))

@@ -25,6 +25,7 @@ import torch
 
 from icl_circuits.errors import InputError, TaskError, TokenizationError
 from icl_circuits.report import Section, table_html
+from icl_circuits.results import Result
 from icl_circuits.tasks import corpus
 from icl_circuits.tasks.scoring import batch_chunks, padded_batch
 
@@ -52,8 +53,12 @@ class Analysis(Protocol):
         """The main table (pandas DataFrame)."""
         ...
 
-    def plot(self) -> list[Any]:
-        """plotly Figures; pure (no show, no files)."""
+    def figures(self) -> list[Any]:
+        """The panels, plotly Figures; pure (no show, no files)."""
+        ...
+
+    def plot(self) -> Any:
+        """One plotly Figure: the panels stacked (:func:`icl_circuits.results.combine_figures`)."""
         ...
 
     def sections(self) -> list[Section]:
@@ -67,8 +72,9 @@ class Analysis(Protocol):
     def _repr_html_(self) -> str: ...
 
 
-class AnalysisMixin:
-    """``_repr_html_`` for analysis dataclasses: the title, the readings, then the main table."""
+class AnalysisMixin(Result):
+    """The :class:`~icl_circuits.results.Result` surface for analysis dataclasses; ``_repr_html_``: the title,
+    the readings (one per section), then the main table."""
 
     title: ClassVar[str] = ""
 

@@ -140,7 +140,7 @@ class InformationFlow(AnalysisMixin):
 
         return pd.DataFrame(list(self.rows))
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[relative sizes of the three flows by layer, one panel per task; absolute sizes]. Pure."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -185,7 +185,7 @@ class InformationFlow(AnalysisMixin):
         return attention_html(list(self.example_tokens), scaled, names)
 
     def sections(self) -> list[Section]:
-        share, absolute = self.plot()
+        share, absolute = self.figures()
         out = [
             Section("Relative size of the flows by layer", figure_html(share),
                     " ".join(self._reading(t) for t in self.tasks)),

@@ -86,7 +86,7 @@ class LabelBinding(AnalysisMixin):
 
         return pd.DataFrame([{**r, "depends_on_induction_heads": self.depends(r)} for r in self.rows])
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[accuracy per condition: clean, induction heads ablated, control heads ablated]. Pure."""
         import plotly.graph_objects as go
 
@@ -123,7 +123,7 @@ class LabelBinding(AnalysisMixin):
                 + (f"; too close to chance to tell: {', '.join(near)}." if near else "."))  # fmt: skip
 
     def sections(self) -> list[Section]:
-        (fig,) = self.plot()
+        (fig,) = self.figures()
         return [
             Section("Accuracy by task and labels, with the induction heads ablated", figure_html(fig), self.reading()),
             Section("Numbers", table_html(self.to_dataframe(), max_rows=50),

@@ -121,7 +121,7 @@ class OrderSensitivity(AnalysisMixin):
 
         return pd.DataFrame(self.summary())
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[accuracy per demo set and order (raw vs calibrated), head order-sensitivity heatmaps]. Pure."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -165,7 +165,7 @@ class OrderSensitivity(AnalysisMixin):
         )
 
     def sections(self) -> list[Section]:
-        acc, heads = self.plot()
+        acc, heads = self.figures()
         return [
             Section("Accuracy across demo orders", figure_html(acc), " ".join(self._reading(t) for t in self.tasks)),
             Section("Spread over orders (means over demo sets)", table_html(self.to_dataframe(), max_rows=100),

@@ -89,9 +89,9 @@ class RecordVsCircuit(AnalysisMixin):
 
         return pd.DataFrame(self.rows())
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """The first figure of each analysis. Pure."""
-        return [p.plot()[0] for p in self.parts]
+        return [p.figures()[0] for p in self.parts]
 
     def sections(self) -> list[Section]:
         import html

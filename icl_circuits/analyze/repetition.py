@@ -73,7 +73,7 @@ class Repetition(AnalysisMixin):
 
         return pd.DataFrame(list(self.rows))
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[prediction against r, fast-weight magnitudes relative to r = 1]. Pure."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -112,7 +112,7 @@ class Repetition(AnalysisMixin):
         return text
 
     def sections(self) -> list[Section]:
-        pred, mag = self.plot()
+        pred, mag = self.figures()
         return [
             Section("The prediction", figure_html(pred), " ".join(self._reading(t) for t in self.tasks)),
             Section("Fast-weight magnitude", figure_html(mag),
@@ -194,7 +194,7 @@ def run_repetition(
             chosen = top_demo_heads(model, checked.task, k, n, seed, n_top)
             heads[name] = tuple(chosen)
             done = [row["repeat"] for row in task_rows]
-            pred = measure_predictions(model, checked.task, k, chosen, n_prompts=n, seed=seed, repeats=done,
+            pred = measure_predictions(model, checked.task, k, chosen, n=n, seed=seed, repeats=done,
                                        noise=(0.0,), n_orders=0)  # fmt: skip
             by_r = {p["repeat"]: p for p in pred.repetition}
             base = by_r.get(1)

@@ -96,7 +96,7 @@ class ShotsAndNoise(AnalysisMixin):
 
         return pd.DataFrame(list(self.grid))
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[accuracy vs shots, logit difference vs shots (a line per noise rate, a panel per task),
         shrink vs noise]. Pure."""
         import plotly.graph_objects as go
@@ -157,7 +157,7 @@ class ShotsAndNoise(AnalysisMixin):
     def sections(self) -> list[Section]:
         import pandas as pd
 
-        acc, ld, shrink = self.plot()
+        acc, ld, shrink = self.figures()
         return [
             Section("Accuracy against shots and label noise", figure_html(acc),
                     " ".join(self._task_reading(t) for t in self.tasks)),

@@ -119,7 +119,7 @@ class UnseenTask(AnalysisMixin):
 
         return pd.DataFrame(list(self.rows))
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[accuracy by shots per task (seen solid, unseen dashed), head-ablation heatmaps per group]. Pure."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -169,7 +169,7 @@ class UnseenTask(AnalysisMixin):
         return text
 
     def sections(self) -> list[Section]:
-        acc, heads = self.plot()
+        acc, heads = self.figures()
         return [
             Section("Accuracy by shots", figure_html(acc), self.reading()),
             Section("Heads responsible (single-head mean ablation)", figure_html(heads),

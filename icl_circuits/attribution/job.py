@@ -32,8 +32,9 @@ from icl_circuits.attribution.demos import DemoAttribution, demo_attribution
 from icl_circuits.errors import InputError
 from icl_circuits.patching.atp import AtPResult, attribution_patch
 from icl_circuits.patching.exact import Direction, PatchEffects, activation_patch
+from icl_circuits.results import Result, renamed_kwargs
 from icl_circuits.tasks.pairs import PatchingBatch, patching_batch
-from icl_circuits.tasks.registry import Task
+from icl_circuits.tasks.registry import Task, get_task
 from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles
 
 METHODS = ("patching", "atp", "atp*")
@@ -52,7 +53,7 @@ def _head_effects(method: str, exact: PatchEffects | None, atp: AtPResult | None
 
 
 @dataclass(frozen=True)
-class Attribution:
+class Attribution(Result):
     """Everything :func:`attribute` measured on one clean/corrupted batch of a task."""
 
     model: str
@@ -119,9 +120,20 @@ class Attribution:
         key = f"{self.primary}_effect"
         return out.reindex(out[key].abs().sort_values(ascending=False).index).reset_index(drop=True)
 
-    def plot(self) -> Any:
-        """The primary method's layer x head heatmap."""
-        return self.heads[self.primary].plot()
+    title = "Attribution"
+
+    def figures(self) -> list[Any]:
+        """Each method's layer x head heatmap, then the residual stream layer x position and the per-demo view."""
+        figs = [eff.plot() for eff in self.heads.values()]
+        figs += [self.positions.plot()] if self.positions is not None else []
+        return figs + ([self.demos.plot()] if self.demos is not None else [])
+
+    def findings(self) -> dict[str, Any]:
+        """The clean and corrupted logit difference, the top heads and :meth:`summary` as the reading."""
+        eff = self.heads[self.primary]
+        return {"clean_logit_diff": float(eff.clean_logit_diff.mean()),
+                "corrupted_logit_diff": float(eff.corrupted_logit_diff.mean()),
+                "top_heads": ", ".join(f"L{l}H{h}" for l, h in self.top_heads(4)), "reading": self.summary()}
 
     def summary(self) -> str:
         clean, corrupted = self.heads[self.primary].clean_logit_diff, self.heads[self.primary].corrupted_logit_diff
@@ -144,7 +156,7 @@ class Attribution:
         return [{"layer": int(r.layer), "head": int(r.head), "effect": float(r.effect), "ci_low": float(r.ci_low),
                  "ci_high": float(r.ci_high)} for r in df.itertuples()]  # fmt: skip
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The ``attribution.json`` document (token ids included, so every number can be recomputed)."""
         b, primary = self.batch, self.heads[self.primary]
         method = self.primary if len(self.heads) == 1 else "all"
@@ -195,11 +207,12 @@ class Attribution:
 # ---------------------------------------------------------------------------- the job
 
 
+@renamed_kwargs(n_shots="shots")
 def attribute(
     model: Any,
-    task: Task,
+    task: str | Task,
     *,
-    n_shots: int = 8,
+    shots: int = 8,
     n: int = 32,
     method: str = "all",
     corruption: str = "shuffled_labels",
@@ -211,7 +224,8 @@ def attribute(
     function_vectors: bool = False,
     progress: bool = True,
 ) -> Attribution:
-    """Run the attribution methods on ``n`` clean/corrupted pairs of ``task`` (see the module docstring).
+    """Run the attribution methods on ``n`` clean/corrupted pairs of ``task`` (a name or a
+    :class:`~icl_circuits.tasks.registry.Task`) with ``shots`` demos each (see the module docstring).
 
     Args:
         method: ``patching`` (exact), ``atp``, ``atp*`` or ``all`` (the three, plus their correlations).
@@ -232,7 +246,8 @@ def attribute(
     if n < 2:
         raise InputError(f"need n >= 2 prompt pairs (bootstrap intervals), got {n}")
     wanted = METHODS if method == "all" else (method,)
-    batch = patching_batch(model, task, n_shots, n, seed, corruption=corruption)
+    task = get_task(task, model)
+    batch = patching_batch(model, task, shots, n, seed, corruption=corruption)
     args = (model, batch.clean_tokens, batch.corrupted_tokens, batch.answer_tokens, batch.contrast_tokens)
     kw: dict[str, Any] = {"direction": direction, "answer_positions": batch.last_positions}
     exact = activation_patch(*args, "z", progress=progress, **kw) if "patching" in wanted else None
@@ -268,7 +283,7 @@ def attribute(
         notes.extend(f"AtP: {n}" for n in atp.notes)
     scan = scan_heads(model, ablation=False, progress=False, seed=seed)
     att = Attribution(
-        model=model_info(model).spec, task=batch.task, n_shots=n_shots, corruption=corruption, direction=direction,
+        model=model_info(model).spec, task=batch.task, n_shots=shots, corruption=corruption, direction=direction,
         seed=seed, batch=batch, roles=roles, token_strs=tuple(token_labels(model, batch.clean_tokens[0])),
         heads=heads, correlations=correlations, positions=pos, demos=None,
         induction_scores=scan.scores["induction"], induction_heads=tuple(scan.induction_heads), notes=tuple(notes),
@@ -290,7 +305,7 @@ def attribute(
     if function_vectors:
         from icl_circuits.attribution.function_vectors import function_vector_heads
 
-        extra["function_vectors"] = function_vector_heads(model, [task], n_shots=n_shots, n=n, seed=seed)
+        extra["function_vectors"] = function_vector_heads(model, [task], shots=shots, n=n, seed=seed)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return replace(att, **extra)
@@ -420,7 +435,7 @@ def write_attribution(att: Attribution, model: Any, out_dir: str | Path, prov: d
     from icl_circuits.report import write_report
 
     out = Path(out_dir)
-    doc = att.to_json_dict()
+    doc = att.to_dict()
     doc["provenance"] = prov
     json_path = atomic_write_json(out / "attribution.json", doc)
     html_path = write_report(out / "attribution.html", f"Attribution: {att.task} on {att.model}",

@@ -39,12 +39,14 @@ import torch
 from icl_circuits.errors import PromptTooLongError, TaskError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.transplant import logits_with_vector
+from icl_circuits.results import Result, renamed_kwargs
+from icl_circuits.tasks.registry import Task
 from icl_circuits.tasks.roles import render_examples
 from icl_circuits.tasks.scoring import shrink_coefficient
 
 
 @dataclass(frozen=True)
-class Predictions:
+class Predictions(Result):
     """Rows of the three experiments (``repetition``, ``noise``, ``order``), means over prompts."""
 
     model: str
@@ -57,6 +59,8 @@ class Predictions:
     n_prompts: int
     seed: int
     skipped: tuple[str, ...] = ()
+
+    title = "Fast-weight predictions"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,7 +77,7 @@ class Predictions:
                  if rows]  # fmt: skip
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
-    def plot(self) -> list[Any]:  # list[plotly Figure]
+    def figures(self) -> list[Any]:  # list[plotly Figure]
         """[repetition, noise, order] figures. Pure: returns the figures."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -129,19 +133,21 @@ def _measure(model: Any, checked: Any, examples: Sequence[Any], heads: Sequence[
     }
 
 
+@renamed_kwargs(n_prompts="n")
 def measure_predictions(
     model: Any,
-    task: Any,
+    task: str | Task,
     shots: int,
     heads: Sequence[tuple[int, int]],
     *,
-    n_prompts: int = 64,
+    n: int = 64,
     seed: int = 0,
     repeats: Sequence[int] = (1, 2, 3),
     noise: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     n_orders: int = 3,
 ) -> Predictions:
-    """Run the three experiments of the module doc on ``task`` with ``shots`` demos and ``heads``.
+    """Run the three experiments of the module doc on ``n`` prompts of ``task`` (a name or a Task) with
+    ``shots`` demos and ``heads``.
 
     Repetitions whose prompts exceed the context are skipped (listed in ``skipped``).
 
@@ -152,13 +158,12 @@ def measure_predictions(
     from icl_circuits.tasks.prompts import check_task, flip_labels, permute_demos, repeat_demos
     from icl_circuits.tasks.registry import FewShot, get_task
 
-    if isinstance(task, str):
-        task = get_task(task, model)
+    task = get_task(task, model)
     if shots < 2:
         raise TaskError(f"the predictions need shots >= 2, got {shots}")
     checked = check_task(model, task)
     rng, manip = np.random.default_rng(seed), np.random.default_rng([seed, 1])
-    examples = [checked.task.draw(rng, shots) for _ in range(n_prompts)]
+    examples = [checked.task.draw(rng, shots) for _ in range(n)]
     heads = fw.parse_heads(list(heads), model)
     skipped: list[str] = []
     rep_rows = []
@@ -200,5 +205,5 @@ def measure_predictions(
         })  # fmt: skip
     return Predictions(
         model_info(model).spec, checked.task.name, shots, tuple(heads), tuple(rep_rows), tuple(noise_rows),
-        tuple(order_rows), n_prompts, seed, tuple(skipped),
+        tuple(order_rows), n, seed, tuple(skipped),
     )  # fmt: skip

@@ -73,7 +73,7 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
     )
     heat = Section(
         "Per-head scores (layer x head)",
-        _grid(list(scan.plot().values())),
+        _grid(scan.figures()),
         "Attention scores are fractions of a query's attention in [0, 1]. Copying is sum Re(lambda) / sum |lambda| "
         "of the full OV circuit W_E W_V W_O W_U (+1: copies). The ablation effect is the change of the "
         "in-context gain (loss early - loss late, nats) when the head's output is replaced by its mean, "
@@ -119,7 +119,7 @@ def save_head_scan(scan: HeadScan, model: Any, out_dir: str | os.PathLike[str], 
         model, scan.seed, seq_len=scan.seq_len, batch=scan.batch, prefix_repeats=scan.prefix_repeats,
         ablation="ablation" in scan.scores, **args,
     )
-    doc = scan.to_json_dict()
+    doc = scan.to_dict()
     doc["provenance"] = prov
     json_path = atomic_write_json(out / "head_scan.json", doc)
     html_path = write_report(out / "head_scan.html", f"Head scan: {scan.model}", head_scan_sections(scan, model), prov)

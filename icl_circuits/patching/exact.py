@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
 from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.results import Result
 
 ACTIVATIONS = ("z", "q", "k", "v", "pattern", "resid_pre")
 DIRECTIONS = ("denoising", "noising")
@@ -56,7 +57,7 @@ Direction = Literal["denoising", "noising"]
 
 
 @dataclass(frozen=True)
-class PatchEffects:
+class PatchEffects(Result):
     """Logit differences of patched runs, per grid cell and example, with their two baselines.
 
     ``patched_logit_diff [*grid, batch]`` over the axes ``axis_names`` (``("layer", "head")``,
@@ -72,6 +73,8 @@ class PatchEffects:
     clean_logit_diff: torch.Tensor
     corrupted_logit_diff: torch.Tensor
     method: str = "exact"
+
+    title = "Activation patching"
 
     @property
     def baseline(self) -> float:

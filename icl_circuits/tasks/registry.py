@@ -161,7 +161,7 @@ class Task(ABC):
             raise TaskError(f"n_shots must be a non-negative integer, got {n_shots!r}")
         if n_shots > self.max_shots:
             raise TaskError(
-                f"task {self.name!r}: n_shots={n_shots} needs more pairs than available "
+                f"task {self.name!r}: shots={n_shots} needs more pairs than available "
                 f"(at most {self.max_shots} shots{'' if self.size is None else f' from {self.size} pairs'})"
             )
 
@@ -457,13 +457,18 @@ def all_tasks(model: Any = None) -> dict[str, Task]:
 _SHIFT = re.compile(r"fixture-rule-shift(\d+)")
 
 
-def get_task(name: str, model: Any = None) -> Task:
+def get_task(name: str | Task, model: Any = None) -> Task:
     """The task called ``name``; ``NAME:substituted`` for its label-substituted variant;
-    ``fixture-rule-shiftN`` for any shift N; a path to a ``.json`` file for a task file.
+    ``fixture-rule-shiftN`` for any shift N; a path to a ``.json`` file for a task file; a :class:`Task`
+    is returned as it is (so every function taking a task accepts a name or a ``Task``).
 
     Raises:
         TaskError: for an unknown name, listing the known ones.
     """
+    if isinstance(name, Task):
+        return name
+    if not isinstance(name, str):
+        raise TaskError(f"a task is a name or a Task, got {type(name).__name__}")
     if name.endswith(SUBSTITUTED_SUFFIX):
         return SubstitutedTask(get_task(name[: -len(SUBSTITUTED_SUFFIX)], model))
     if name.endswith(".json") and Path(name).is_file():

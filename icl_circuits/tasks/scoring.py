@@ -27,6 +27,7 @@ import torch
 
 from icl_circuits.errors import InputError, TaskError
 from icl_circuits.models import model_info
+from icl_circuits.results import Result
 from icl_circuits.tasks.prompts import PromptSet, build_prompts, check_task, pad_right, pad_token_id
 from icl_circuits.tasks.registry import SubstitutedTask, Task, Template, get_task
 
@@ -183,7 +184,7 @@ def score_prompts(model: Any, prompts: PromptSet, *, batch_size: int = 16) -> Sc
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(Result):
     """Accuracy (and rank, logit difference, probability) of one task by number of shots."""
 
     model: str
@@ -195,6 +196,8 @@ class Evaluation:
     dropped_labels: tuple[str, ...] = ()
     n_dropped_pairs: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+
+    title = "Evaluation"
 
     def accuracy(self, shots: int) -> float:
         for r in self.rows:
@@ -251,8 +254,7 @@ def evaluate(
         TaskError: unknown task, shots above the pairs available, too few pairs after tokenization.
         PromptTooLongError: a prompt longer than the model's context.
     """
-    if isinstance(task, str):
-        task = get_task(task, model)
+    task = get_task(task, model)
     if substitute is not False:
         task = SubstitutedTask(task) if substitute is True else SubstitutedTask(task, list(substitute))
     if not shots:

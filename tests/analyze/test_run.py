@@ -39,7 +39,7 @@ def test_analysis_runs_saves_and_reads_its_numbers(name, fixture_like, tmp_path)
     model, _ = fixture_like
     result = ANALYSES[name].run(model, seed=3, progress=False, **SMALL[name])
     assert isinstance(result, Analysis) and result.name == name and result.seed == 3
-    assert len(result.to_dataframe()) > 0 and len(result.plot()) >= 1
+    assert len(result.to_dataframe()) > 0 and len(result.figures()) >= 1
     assert all(s.title and s.body for s in result.sections())
     assert "<h4>" in result._repr_html_()
     findings = result.findings()
