@@ -61,7 +61,7 @@ import torch
 
 from icl_circuits.errors import ICLCircuitsError, InputError
 from icl_circuits.models import attention
-from icl_circuits.results import Result
+from icl_circuits.results import PALETTE, Result, series_colors
 from icl_circuits.shapes import Head, all_heads, check_model_heads, expand_kv
 from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles, roles_from_prompts, roles_from_tokens
 
@@ -369,18 +369,22 @@ class FastWeights(Result):
 
         chosen = [self.heads.index(h) for h in self.best(max_heads)]
         names = [f"L{self.heads[i][0]}H{self.heads[i][1]}" for i in chosen]
+        colour = series_colors(names)
         spec = go.Figure()
         for i, name in zip(chosen, names):
             s = self.spectra[i].tolist()
-            spec.add_trace(go.Scatter(x=list(range(1, len(s) + 1)), y=s, mode="lines+markers", name=name))
+            spec.add_trace(go.Scatter(x=list(range(1, len(s) + 1)), y=s, mode="lines+markers", name=name,
+                                      line={"color": colour[name]}))  # fmt: skip
         spec.update_layout(title=f"Singular values of dW_lin (mean over {self.n_prompts} prompts, {self.shots} shots)",
                            xaxis_title="index", yaxis_title="singular value", yaxis_type="log")  # fmt: skip
-        roles = go.Figure([go.Bar(name=r, x=names, y=self.role_shares[chosen, j].tolist())
+        roles = go.Figure([go.Bar(name=r, x=names, y=self.role_shares[chosen, j].tolist(),
+                                  marker_color=PALETTE[-1 - j % len(PALETTE)])
                            for j, r in enumerate(ROLE_NAMES)])  # fmt: skip
         roles.update_layout(barmode="relative", title="Share of the head output by source role (sums to 1)",
                             yaxis_title="<c_role, o> / |o|^2")  # fmt: skip
-        demos = go.Figure([go.Bar(name=n, x=[f"demo {d}" for d in range(self.demo_dla.shape[1])],
-                                  y=self.demo_dla[i].tolist()) for i, n in zip(chosen, names)])  # fmt: skip
+        demos = go.Figure([go.Bar(name=n, x=[f"demo {d + 1}" for d in range(self.demo_dla.shape[1])],
+                                  y=self.demo_dla[i].tolist(), marker_color=colour[n])
+                           for i, n in zip(chosen, names)])  # fmt: skip
         demos.update_layout(barmode="group", title="Answer logit (logit lens) of each demo's contribution",
                             yaxis_title="logit of the answer" + (" - contrast" if self._contrast else ""))  # fmt: skip
         return [spec, roles, demos]

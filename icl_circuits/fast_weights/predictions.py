@@ -39,7 +39,7 @@ import torch
 from icl_circuits.errors import PromptTooLongError, TaskError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.transplant import logits_with_vector
-from icl_circuits.results import Result, renamed_kwargs
+from icl_circuits.results import Result, renamed_kwargs, series_colors
 from icl_circuits.tasks.registry import Task
 from icl_circuits.tasks.roles import render_examples
 from icl_circuits.tasks.scoring import shrink_coefficient
@@ -82,22 +82,29 @@ class Predictions(Result):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
+        colour = series_colors(["accuracy", "fw_norm", "demo_norm", "demo_answer_logit", "beta",
+                                "demo answer logit (rel.)"])
         rep = make_subplots(rows=1, cols=2, subplot_titles=("|dW_lin|_F and |c_D| (relative to r=1)", "accuracy"))
         if self.repetition:
             r = [row["repeat"] for row in self.repetition]
             for key in ("fw_norm", "demo_norm", "demo_answer_logit"):
                 base = self.repetition[0][key] or 1.0
-                rep.add_trace(go.Scatter(x=r, y=[row[key] / base for row in self.repetition], name=key), 1, 1)
-            rep.add_trace(go.Scatter(x=r, y=[row["accuracy"] for row in self.repetition], name="accuracy"), 1, 2)
+                rep.add_trace(go.Scatter(x=r, y=[row[key] / base for row in self.repetition], name=key,
+                                         line={"color": colour[key]}), 1, 1)  # fmt: skip
+            rep.add_trace(go.Scatter(x=r, y=[row["accuracy"] for row in self.repetition], name="accuracy",
+                                     line={"color": colour["accuracy"]}), 1, 2)  # fmt: skip
         rep.update_layout(title="Repeating the demo block r times", xaxis_title="r")
         noi = make_subplots(rows=1, cols=2, subplot_titles=("update along the clean update (beta)", "accuracy"))
         if self.noise:
             p = [row["noise"] for row in self.noise]
-            noi.add_trace(go.Scatter(x=p, y=[row["shrinkage_beta"] for row in self.noise], name="beta"), 1, 1)
+            noi.add_trace(go.Scatter(x=p, y=[row["shrinkage_beta"] for row in self.noise], name="beta",
+                                     line={"color": colour["beta"]}), 1, 1)  # fmt: skip
             ref = self.noise[0]["demo_answer_logit"] or 1.0
             rel = [row["demo_answer_logit"] / ref for row in self.noise]
-            noi.add_trace(go.Scatter(x=p, y=rel, name="demo answer logit (rel.)"), 1, 1)
-            noi.add_trace(go.Scatter(x=p, y=[row["accuracy"] for row in self.noise], name="accuracy"), 1, 2)
+            noi.add_trace(go.Scatter(x=p, y=rel, name="demo answer logit (rel.)",
+                                     line={"color": colour["demo answer logit (rel.)"]}), 1, 1)  # fmt: skip
+            noi.add_trace(go.Scatter(x=p, y=[row["accuracy"] for row in self.noise], name="accuracy",
+                                     line={"color": colour["accuracy"]}, showlegend=False), 1, 2)  # fmt: skip
         noi.update_layout(title="Label noise: does the update shrink toward the zero-shot prediction?",
                           xaxis_title="fraction of demo labels flipped")  # fmt: skip
         names = [f"order {row['order']}" for row in self.order]
