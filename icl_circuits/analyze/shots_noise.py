@@ -49,7 +49,7 @@ from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.tasks.prompts import CheckedTask, build_prompts, check_task, render_prompt
 from icl_circuits.tasks.registry import FewShot, get_task
-from icl_circuits.tasks.scoring import answer_logits, evaluate, label_log_probs, shrink_coefficient
+from icl_circuits.tasks.scoring import answer_logits, at_chance, evaluate, label_log_probs, shrink_coefficient
 
 FIXTURE_TASKS = ("fixture-rule", "fixture-bound")
 FIXTURE_SHOTS = (0, 1, 2, 4, 8, 12)
@@ -146,7 +146,11 @@ class ShotsAndNoise(AnalysisMixin):
             parts = ", ".join(f"{r['flipped']:.0%} flipped: {fmt(r['accuracy'])}" for r in noisy)
             text += f" At {k} shots, clean accuracy {fmt(self.value(task, k, 0.0))}; {parts}."
         sh = [r for r in self.shrink if r["task"] == task and r["flipped"] > 0]
-        if sh:
+        if sh and self.at_chance(task):
+            text += (f" The clean accuracy at {k} shots, {fmt(self.value(task, k, 0.0))}, is at chance "
+                     f"({fmt(self.chance.get(task))}, within 2 standard errors at n = {self.n}): there is no "
+                     "in-context update to shrink, so the shrink coefficient beta is not read.")
+        elif sh:
             moves = ", ".join(f"{fmt(r['beta'])} at {r['flipped']:.0%}" for r in sh)
             last = sh[-1]["beta"]
             where = ("moves back toward the zero-shot prediction" if last is not None and last < 0.9
@@ -170,9 +174,17 @@ class ShotsAndNoise(AnalysisMixin):
                     f"Skipped: {'; '.join(self.skipped)}." if self.skipped else ""),
         ]  # fmt: skip
 
+    def at_chance(self, task: str) -> bool:
+        """Is ``task``'s clean accuracy at :attr:`noise_shots` shots no better than chance (:func:`at_chance`)?"""
+        return at_chance(self.value(task, self.noise_shots, 0.0), self.chance.get(task, 0.0), self.n)
+
     def _shrink_reading(self) -> str:
         out = []
         for task in self.tasks:
+            if self.at_chance(task):
+                out.append(f"{task}: accuracy at chance at {self.noise_shots} shots; beta and the KL divergence "
+                           "are shown but not read (nothing was learnt in context to move back from).")
+                continue
             rows = [r for r in self.shrink if r["task"] == task]
             if len(rows) > 1:
                 out.append(f"{task} at {self.noise_shots} shots: KL(noisy || zero-shot) "
@@ -191,7 +203,8 @@ class ShotsAndNoise(AnalysisMixin):
             "accuracy_max_shots": self.value(task, shots[-1], 0.0),
             "max_shots": shots[-1],
             "accuracy_half_noise": self.value(task, self.noise_shots, 0.5),
-            "beta_half_noise": half[0]["beta"] if half else None,
+            "beta_half_noise": half[0]["beta"] if half and not self.at_chance(task) else None,
+            "at_chance": self.at_chance(task),
             "reading": self._task_reading(task),
         }
 

@@ -19,6 +19,7 @@ Cost: one forward per ``batch_size`` prompts; the full-vocabulary logits of a ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +130,20 @@ def label_log_probs(final: torch.Tensor, label_ids: torch.Tensor) -> torch.Tenso
     """``[batch, n_labels]``: log-softmax of ``final [batch, d_vocab]`` restricted to ``label_ids [n_labels]``
     (renormalised over the labels, as Zhao et al. 2021 read label probabilities)."""
     return final[:, label_ids.long()].log_softmax(-1)
+
+
+def at_chance(accuracy: float | None, chance: float, n: int, z: float = 2.0) -> bool:
+    """True when ``accuracy`` over ``n`` prompts is no better than ``chance``: at most ``z`` binomial standard
+    errors above it, ``accuracy <= chance + z * sqrt(chance * (1 - chance) / n)`` (``None``: not measured, True).
+
+    Readings use it to say only what the numbers support: at chance there is no in-context update whose
+    shrink (beta, :func:`shrink_coefficient`) could be read.
+    """
+    if accuracy is None:
+        return True
+    if n < 1 or not 0.0 <= chance <= 1.0:
+        raise InputError(f"need n >= 1 and chance in [0, 1], got n={n}, chance={chance}")
+    return float(accuracy) <= chance + z * math.sqrt(chance * (1.0 - chance) / n)
 
 
 def shrink_coefficient(
