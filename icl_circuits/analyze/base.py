@@ -82,7 +82,7 @@ class AnalysisMixin(Result):
         import html
 
         sections: list[Section] = self.sections()  # type: ignore[attr-defined]
-        readings = "".join(f"<p>{html.escape(s.reading)}</p>" for s in sections if s.reading)
+        readings = "".join(f"<p>{html.escape(p)}</p>" for s in sections for p in s.paragraphs)
         df = self.to_dataframe()  # type: ignore[attr-defined]
         return f"<h4>{html.escape(self.title)}</h4>{readings}{table_html(df, max_rows=20)}"
 

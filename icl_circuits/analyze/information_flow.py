@@ -188,7 +188,7 @@ class InformationFlow(AnalysisMixin):
         share, absolute = self.figures()
         out = [
             Section("Relative size of the flows by layer", figure_html(share),
-                    " ".join(self._reading(t) for t in self.tasks)),
+                    [self._reading(t) for t in self.tasks]),
             Section("Mean saliency of each flow", figure_html(absolute),
                     "I_l = |sum_h A (.) dL/dA|, L the cross-entropy of the answer at the answer position; label words "
                     "are the demo labels' tokens."),

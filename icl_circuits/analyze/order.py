@@ -167,7 +167,7 @@ class OrderSensitivity(AnalysisMixin):
     def sections(self) -> list[Section]:
         acc, heads = self.figures()
         return [
-            Section("Accuracy across demo orders", figure_html(acc), " ".join(self._reading(t) for t in self.tasks)),
+            Section("Accuracy across demo orders", figure_html(acc), [self._reading(t) for t in self.tasks]),
             Section("Spread over orders (means over demo sets)", table_html(self.to_dataframe(), max_rows=100),
                     "range = max - min over the orders of one demo set; sd = standard deviation over those orders."),
             Section("Heads whose attribution moves with order", figure_html(heads),

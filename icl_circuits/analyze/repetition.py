@@ -121,7 +121,7 @@ class Repetition(AnalysisMixin):
     def sections(self) -> list[Section]:
         pred, mag = self.figures()
         return [
-            Section("The prediction", figure_html(pred), " ".join(self._reading(t) for t in self.tasks)),
+            Section("The prediction", figure_html(pred), [self._reading(t) for t in self.tasks]),
             Section("Fast-weight magnitude", figure_html(mag),
                     "|dW_lin|_F: Frobenius norm of the linear dual form over the demo tokens, mean over the chosen "
                     "heads and prompts; |c_D|: norm of the demos' part of the heads' outputs (summed over heads)."),

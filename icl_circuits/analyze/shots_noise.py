@@ -164,7 +164,7 @@ class ShotsAndNoise(AnalysisMixin):
         acc, ld, shrink = self.figures()
         return [
             Section("Accuracy against shots and label noise", figure_html(acc),
-                    " ".join(self._task_reading(t) for t in self.tasks)),
+                    [self._task_reading(t) for t in self.tasks]),
             Section("Logit difference against shots", figure_html(ld),
                     "Logit difference = logit of the answer minus that of the latest other demo label (or the next "
                     "label of the task); it is unchanged by compatibility mode's per-position constant."),
@@ -178,7 +178,7 @@ class ShotsAndNoise(AnalysisMixin):
         """Is ``task``'s clean accuracy at :attr:`noise_shots` shots no better than chance (:func:`at_chance`)?"""
         return at_chance(self.value(task, self.noise_shots, 0.0), self.chance.get(task, 0.0), self.n)
 
-    def _shrink_reading(self) -> str:
+    def _shrink_reading(self) -> list[str]:
         out = []
         for task in self.tasks:
             if self.at_chance(task):
@@ -191,7 +191,7 @@ class ShotsAndNoise(AnalysisMixin):
                            f"{change(rows[0]['kl_to_zero_shot'], rows[-1]['kl_to_zero_shot'])} as the flipped "
                            f"fraction goes from {rows[0]['flipped']:.0%} to {rows[-1]['flipped']:.0%}; the answer's "
                            f"label probability {change(rows[0]['answer_prob'], rows[-1]['answer_prob'])}.")  # fmt: skip
-        return " ".join(out)
+        return out
 
     def findings(self) -> dict[str, Any]:
         task = self.tasks[0]
