@@ -366,8 +366,8 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
               f"shuffled {t.shuffled_control_acc:.3f}; with the fast weight {t.fast_weight_acc:.3f}, random "
               f"{t.fast_weight_random_acc:.3f}, shuffled {t.fast_weight_shuffled_acc:.3f}, softmax memory "
               f"{t.memory_acc:.3f}")  # fmt: skip
-    elif run.transplant_skipped:
-        print(f"transplant skipped: {run.transplant_skipped}")
+    for what in run.skipped:
+        print(f"skipped: {what}")
     prov = provenance(model, args.seed, task=args.task, shots=args.shots, heads=args.heads, n=args.n, top=args.top)
     json_path, html_path = write_fast_weights(run, args.out, prov)
     print(f"wrote {json_path} and {html_path}")

@@ -75,6 +75,12 @@ class FastWeightsRun(Result):
     def _repr_html_(self) -> str:
         return self.fast_weights._repr_html_()
 
+    @property
+    def skipped(self) -> list[str]:
+        """What this run did not measure, and why (said on the report page and by the command)."""
+        out = [f"transplant: {self.transplant_skipped}"] if self.transplant_skipped else []
+        return out + [f"predictions: {s}" for s in (self.predictions.skipped if self.predictions is not None else ())]
+
     def sections(self) -> list[Any]:
         """The report's sections (:class:`icl_circuits.report.Section`)."""
         from icl_circuits.report import Section, figure_html, table_html
@@ -82,7 +88,7 @@ class FastWeightsRun(Result):
         f = self.fast_weights
         df = f.to_dataframe().sort_values("answer_dla", ascending=False)
         cols = ["layer", "head", "demo_share", "answer_dla", "effective_rank", "rank90", "reconstruction_cosine",
-                "soft_reconstruction_cosine", "explained_variance", "top_tokens"]  # fmt: skip
+                "soft_reconstruction_cosine", "top_tokens"]  # fmt: skip
         top = df.iloc[0].to_dict()
         spec, roles, demos = f.figures()
         out = [
@@ -93,7 +99,13 @@ class FastWeightsRun(Result):
                     f"answer logit "
                     f"{top['answer_dla']:.2f}); its linear fast weight dW_lin reproduces the demo part with mean "
                     f"cosine "
-                    f"{top['reconstruction_cosine']:.2f} (softmax-weighted: {top['soft_reconstruction_cosine']:.2f})."),
+                    f"{top['reconstruction_cosine']:.2f} (softmax-weighted: {top['soft_reconstruction_cosine']:.2f}). "
+                    "demo_share: the demo tokens' share of the head output (projection, roles sum to 1); answer_dla: "
+                    "the demo part's answer logit (logit lens); effective_rank: participation ratio of dW_lin's "
+                    "singular values; rank90: singular values holding 90% of the energy. fast_weights.json also "
+                    "holds the explained variance, 1 - |error|^2 / |demo part - its mean|^2, not shown: it falls far "
+                    "below 0 where the demo part barely varies across prompts, and the cosine is the readable "
+                    "measure of the same fit."),
             Section("Singular spectra of dW_lin", figure_html(spec),
                     f"Participation ratio of the top head: {top['effective_rank']:.2f}; rank holding 90% of the "
                     f"energy: {top['rank90']:.1f}."),
@@ -105,7 +117,8 @@ class FastWeightsRun(Result):
             bars, sweep, fw_bars, curve = t.figures()
             out.append(Section(
                 "Transplant: the task vector on held-out zero-shot queries", figure_html(bars) + figure_html(sweep),
-                f"Task vector = sum of the mean demo parts of heads {[list(h) for h in t.heads]} (per fold). "
+                f"Task vector = sum of the mean demo parts of heads "
+                f"{'; '.join(', '.join(f'L{l}H{h}' for l, h in fold) for fold in t.heads)} (per fold). "
                 f"On {t.n_test} held-out zero-shot queries: zero-shot {t.zero_shot_acc:.2f}, with the vector "
                 f"{t.with_vector_acc:.2f}, random vector of equal norm {t.random_control_acc:.2f}, vector from "
                 f"shuffled-label demos {t.shuffled_control_acc:.2f}; layer chosen on validation: {list(t.layers)}.",
@@ -125,8 +138,9 @@ class FastWeightsRun(Result):
         if self.predictions is not None:
             p = self.predictions
             figs = "".join(figure_html(x) for x in p.figures())
+            skipped = [f"Not measured: {s}." for s in p.skipped]
             out.append(Section("The fast-weight predictions, measured", figs + table_html(p.to_dataframe()),
-                               _prediction_reading(p)))  # fmt: skip
+                               [_prediction_reading(p), *skipped]))  # fmt: skip
         return out
 
 

@@ -177,8 +177,8 @@ def measure_predictions(
     for r in repeats:
         try:
             m = _measure(model, checked, [repeat_demos(ex, int(r)) for ex in examples], heads)
-        except PromptTooLongError:
-            skipped.append(f"repeat={r}: prompt longer than the context")
+        except PromptTooLongError as e:
+            skipped.append(f"repeating the demos r = {r} times: the prompts exceed the model's context ({e})")
             continue
         rep_rows.append({"repeat": int(r), **m["row"]})
     zero = [FewShot((), ex.query) for ex in examples]
