@@ -127,7 +127,8 @@ class FunctionVectorHeads(Result):
 
         z = self.aie.detach().float()
         bound = float(z.abs().max()) or 1.0
-        fig = go.Figure(go.Heatmap(z=z.numpy(), y=[f"L{l}" for l in range(self.n_layers)], colorscale="RdBu",
+        fig = go.Figure(go.Heatmap(z=z.numpy(), y=[f"L{l}" for l in range(self.n_layers)],
+                                   x=[f"H{h}" for h in range(self.n_heads)], colorscale="RdBu",
                                    zmid=0.0, zmin=-bound, zmax=bound, colorbar={"title": "AIE"}))  # fmt: skip
         fig.update_layout(
             title=f"Average indirect effect of each head's mean output (shuffled-label prompts, {self.n_shots} shots, "

@@ -82,7 +82,8 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
     ranked = Section(
         "Heads ranked by induction score",
         table_html(scan.to_dataframe(), max_rows=20),
-        "The 20 highest induction scores; head_scan.json holds every head.",
+        f"The {min(20, scan.n_layers * scan.n_heads)} highest induction scores of {scan.n_layers * scan.n_heads} "
+        "heads; head_scan.json holds every head.",
     )
     k_base = scan.baselines["K"]
     circuit = Section(
