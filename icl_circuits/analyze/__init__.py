@@ -121,6 +121,9 @@ def run_from_args(name: str, args: argparse.Namespace) -> int:
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = spec.run(model, seed=args.seed, n=args.n, tasks=tasks, progress=True)
     print(result.findings()["reading"])
+    for part in (result, *getattr(result, "parts", ())):
+        for what in getattr(part, "skipped", ()):
+            print(f"skipped ({part.name}): {what}")
     paths = save_analysis(result, model, args.out, seed=args.seed, model_spec=args.model, tokenizer=args.tokenizer,
                           n=args.n, tasks=tasks)  # fmt: skip
     print(f"wrote {paths[0]} and {paths[1]}")

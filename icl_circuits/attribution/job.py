@@ -376,10 +376,12 @@ def attribution_sections(att: Attribution, model: Any) -> list[Any]:
     reading = f"{att.summary()}. Head-scan induction heads: {scanned}; among the top {ov['k']} heads: {found}."
     sections.append(Section("Summary", f"<p>Clean: <code>{ex}</code><br>Corrupted: <code>{cor}</code></p>"
                             f"<p>Metric: {html.escape(METRIC)}.</p>", reading))  # fmt: skip
+    if att.notes:  # what was skipped or is unreliable: on the page, not only in the JSON and the warnings
+        sections.append(Section("Skipped or unreliable", "", list(att.notes)))
     figs = "".join(figure_html(eff.plot()) for eff in att.heads.values())
     corr = ""
     if att.correlations:
-        corr = table_html(pd.DataFrame(att.correlations).T)
+        corr = table_html(pd.DataFrame(att.correlations).T.rename_axis("estimator vs exact patching"))
     note = "AtP* is an unsigned magnitude: compare it with |exact effect|." if "atp*" in att.heads else ""
     sections.append(Section("Heads: layer x head", figs + corr, note))
     sections.append(Section("Heads ranked", table_html(att.to_dataframe(), max_rows=20)))
@@ -387,7 +389,7 @@ def attribution_sections(att: Attribution, model: Any) -> list[Any]:
         fig = att.positions.plot()
         labels = (position_labels(att.roles, att.token_strs) if att.roles is not None
                   else [f"{i}:{t}" for i, t in enumerate(att.token_strs)])  # fmt: skip
-        fig.update_xaxes(tickmode="array", tickvals=list(range(len(att.token_strs))), ticktext=labels)
+        fig.update_traces(x=labels)  # a category axis: one labelled column per position
         sections.append(Section("Residual stream: layer x position", figure_html(fig),
                                 "Denoising one position of the residual stream entering a layer: where the "
                                 "task information sits, layer by layer (every prompt has the same role at each "
