@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import pkgutil
+import re
 import warnings
 
 import pandas as pd
@@ -108,7 +109,48 @@ def instances(tmp_path_factory):
              att, att.heads["patching"], att.demos, att.function_vectors, atp, atp.agreement(att.heads["patching"]),
              run, run.fast_weights, run.transplant, run.predictions, rvc, *rvc.parts,
              compare_with_gd(LinearSelfAttention(LSAConfig(d=2)), n_demos=(1, 2), batch=16)]  # fmt: skip
-    return {type(r): r for r in found if r is not None}
+    out: dict = {type(r): r for r in found if r is not None}
+    out["model"] = model
+    return out
+
+
+def figures_in_page(page: str) -> list[go.Figure]:
+    """Every plotly figure of a report page, rebuilt from the data and layout its script passes to plotly."""
+    figs, dec = [], json.JSONDecoder()
+    for m in re.finditer(r"Plotly\.newPlot\(\s*\"[^\"]+\",\s*", page):
+        data, end = dec.raw_decode(page, m.end())
+        layout, _ = dec.raw_decode(page, page.index("{", end))
+        figs.append(go.Figure({"data": data, "layout": layout}))
+    return figs
+
+
+REPORTS = ["HeadScan", "Attribution", "FastWeightsRun", "RecordVsCircuit"] + [
+    c.__name__ for c in RESULT_TYPES if hasattr(c, "sections") and c.__name__ != "RecordVsCircuit"]
+
+
+@pytest.mark.fixture
+@pytest.mark.parametrize("name", sorted(set(REPORTS)))
+def test_report_figures_legend_colours_match_traces(name, instances):
+    """Every figure of every report page (the result's panels and the ones its sections add): a trace's colour
+    is its legend entry's, one colour per series across the page; heatmap axes are categorical (L0.., H0..)."""
+    from icl_circuits.attribution.job import attribution_sections
+    from icl_circuits.heads.report import head_scan_sections
+    from icl_circuits.report import render_page
+
+    r = next(v for k, v in instances.items() if isinstance(k, type) and k.__name__ == name)
+    if name == "HeadScan":
+        sections = head_scan_sections(r, instances["model"])
+    elif name == "Attribution":
+        sections = attribution_sections(r, instances["model"])
+    else:
+        sections = r.sections()
+    figs = figures_in_page(render_page(name, sections))
+    assert figs, f"{name}: no figure on the page"
+    assert not legend_color_problems(figs), legend_color_problems(figs)
+    for f in figs:
+        for t in f.data:
+            if t.type == "heatmap" and t.y is not None and str(t.y[0]).startswith("L"):
+                assert t.x is not None and not isinstance(t.x[0], (int, float)), f"{f.layout.title.text}: numeric x"
 
 
 @pytest.mark.fixture
