@@ -38,7 +38,7 @@ def test_reading_at_chance_accuracy_reads_no_beta():
 
     chance = _result(0.0, 0.95)
     assert chance.at_chance("t")
-    text = " ".join(s.reading for s in chance.sections()) + chance.findings()["reading"]
+    text = " ".join(p for s in chance.sections() for p in s.paragraphs) + chance.findings()["reading"]
     assert "at chance" in text and "beta is not read" in text
     assert "0.95" not in text and "beta =" not in text and "moves back" not in text
     assert chance.findings()["beta_half_noise"] is None and chance.findings()["at_chance"] is True
