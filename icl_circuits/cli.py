@@ -15,6 +15,7 @@ import difflib
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -263,6 +264,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else half the cores, 1 to 4)")  # fmt: skip
 
 
+def _model(args: argparse.Namespace, load: Callable[..., Any]) -> Any:
+    """The model a handler runs on: the one passed to :func:`main` (``model=``, already loaded), else
+    ``load(--model, --tokenizer, --device)``."""
+    given = getattr(args, "loaded_model", None)
+    return given if given is not None else load(args.model, tokenizer=args.tokenizer, device=args.device)
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from icl_circuits.models import describe_fixture, fixtures_dir, list_fixtures
 
@@ -304,7 +312,7 @@ def _cmd_head_scan(args: argparse.Namespace) -> int:
     from icl_circuits.heads.scan import scan_heads
     from icl_circuits.models import load_model
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = _model(args, load_model)
     scan = scan_heads(model, seq_len=args.seq_len, batch=args.batch, seed=args.seed, ablation=not args.no_ablation)
     cols = ["name", "induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation", "roles"]
     print(scan.to_dataframe()[cols].head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -328,11 +336,13 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from icl_circuits.io import atomic_write_json, provenance
     from icl_circuits.models import load_model
+    from icl_circuits.tasks.defaults import run_default
     from icl_circuits.tasks.registry import get_task
     from icl_circuits.tasks.scoring import evaluate
 
     shots = args.shots
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = _model(args, load_model)
+    args.n = run_default(model, "evaluate", "n", args.n)
     task = get_task(args.task, model)
     kw = {"noise": args.noise, "permute": args.permute, "repeat": args.repeat, "substitute": args.substitute}
     ev = evaluate(model, task, shots, n=args.n, seed=args.seed, **kw)
@@ -350,8 +360,11 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
     from icl_circuits.fast_weights.job import run_fast_weights, write_fast_weights
     from icl_circuits.io import provenance
     from icl_circuits.models import load_model
+    from icl_circuits.tasks.defaults import run_default
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = _model(args, load_model)
+    args.n = run_default(model, "fast-weights", "n", args.n)
+    args.shots = run_default(model, "fast-weights", "shots", args.shots)
     heads = "auto" if args.heads == "auto" else args.heads
     run = run_fast_weights(model, args.task, args.shots, heads=heads, n_top=args.top, n=args.n, seed=args.seed,
                            transplant=not args.no_transplant, predictions=not args.no_predictions)  # fmt: skip
@@ -378,9 +391,12 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from icl_circuits.attribution.job import attribute, write_attribution
     from icl_circuits.io import provenance
     from icl_circuits.models import load_model
+    from icl_circuits.tasks.defaults import run_default
     from icl_circuits.tasks.registry import get_task
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = _model(args, load_model)
+    args.n = run_default(model, "attribute", "n", args.n)
+    args.shots = run_default(model, "attribute", "shots", args.shots)
     task = get_task(args.task, model)
     att = attribute(model, task, shots=args.shots, n=args.n, method=args.method, corruption=args.corruption,
                     direction=args.direction, seed=args.seed, positions=not args.no_positions,
@@ -402,6 +418,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             print(f"  {spec.name:<18} {spec.question}")
         return 0
     return run_from_args(args.name, args)
+
+
+def _defaults(command: str, setting: str) -> str:
+    """The defaults per model kind for --help: ``"32 on fixtures, 8 on language models"``."""
+    from icl_circuits.tasks.defaults import DEFAULTS
+
+    fixture, language = (DEFAULTS[kind][command][setting] for kind in ("fixture", "language"))
+    return f"{fixture} on fixtures, {language} on language models"
 
 
 def _out_arg(p: argparse.ArgumentParser, default: str | None, files: str) -> None:
@@ -441,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--shots", type=shot_list, default=[0, 1, 2, 4, 8],
                    help="comma-separated numbers of shots, spaces allowed (default 0,1,2,4,8)")  # fmt: skip
-    p.add_argument("--n", type=at_least(1), default=100, help="prompts per number of shots (default 100)")
+    p.add_argument("--n", type=at_least(1), default=None,
+                   help=f"prompts per number of shots (default {_defaults('evaluate', 'n')})")  # fmt: skip
     p.add_argument("--noise", type=fraction, default=0.0, help="fraction of demo labels flipped (default 0)")
     p.add_argument("--repeat", type=at_least(1), default=1, help="repeat the demo block r times (default 1)")
     p.add_argument("--permute", action="store_true", help="shuffle the demo order")
@@ -462,10 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "Writes fast_weights.json and the offline report fast_weights.html.", _cmd_fast_weights)
     add_model_args(p)
     p.add_argument("--task", required=True, help=task_help)
-    p.add_argument("--shots", type=at_least(1), default=8, help="demos per prompt (default 8)")
+    p.add_argument("--shots", type=at_least(1), default=None,
+                   help=f"demos per prompt (default {_defaults('fast-weights', 'shots')})")  # fmt: skip
     p.add_argument("--heads", default="auto", help="auto (all heads; top by the demos' answer logit) or L.H,...")
     p.add_argument("--top", type=at_least(1), default=4, help="heads in the task vector with --heads auto (default 4)")
-    p.add_argument("--n", type=at_least(2), default=64, help="prompts (default 64)")
+    p.add_argument("--n", type=at_least(2), default=None, help=f"prompts (default {_defaults('fast-weights', 'n')})")
     p.add_argument("--no-transplant", action="store_true", help="skip the transplant test")
     p.add_argument("--no-predictions", action="store_true", help="skip the repetition/noise/order measurements")
     _out_arg(p, "out/fast_weights", "fast_weights.json and fast_weights.html")
@@ -474,8 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "Writes attribution.json and the offline report attribution.html.", _cmd_attribute)
     add_model_args(p)
     p.add_argument("--task", required=True, help=task_help)
-    p.add_argument("--shots", type=at_least(1), default=8, help="demos per prompt (default 8)")
-    p.add_argument("--n", type=at_least(2), default=32, help="clean/corrupted prompt pairs (default 32)")
+    p.add_argument("--shots", type=at_least(1), default=None,
+                   help=f"demos per prompt (default {_defaults('attribute', 'shots')})")  # fmt: skip
+    p.add_argument("--n", type=at_least(2), default=None,
+                   help=f"clean/corrupted prompt pairs (default {_defaults('attribute', 'n')})")  # fmt: skip
     p.add_argument("--method", default="all", choices=["patching", "atp", "atp*", "all"],
                    help="exact activation patching, AtP, AtP* or all three with their correlations (default all)")
     p.add_argument("--corruption", default="shuffled_labels",
@@ -509,12 +537,14 @@ def _one_line(e: BaseException) -> str:
     return _printable("; ".join(lines)) or type(e).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
     """Run one command and return its exit code: 0 done (also ``--help``); 2 bad input (a project error, an
     ``OSError`` such as an unwritable output, or a usage error: one line on stderr); 1 a bug (one line and a
     hint); 130 interrupted.
     ``--debug`` / ``ICL_CIRCUITS_DEBUG=1`` adds the traceback. Torch's thread count is set from
-    ``--threads`` before anything loads, and restored on return."""
+    ``--threads`` before anything loads, and restored on return. ``model``: an already loaded model to run
+    on instead of loading ``--model`` (in-process use: tests, notebooks); ``--model`` is still checked.
+    The time the command took is printed on stderr."""
     import torch
 
     try:
@@ -524,12 +554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(args.debug) or os.environ.get("ICL_CIRCUITS_DEBUG", "") not in ("", "0")
     prog = f"icl-circuits {args.command}"
     threads = torch.get_num_threads()
+    args.loaded_model = model
+    start = time.perf_counter()
     try:
         check_args(args)
         if "threads" in vars(args):
             torch.set_num_threads(args.threads or default_threads())
         handler: Handler = args.handler
-        return handler(args)
+        code = handler(args)
+        print(f"{prog}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        return code
     except (ICLCircuitsError, OSError) as e:
         if debug:
             traceback.print_exc()

@@ -369,3 +369,16 @@ def test_importing_the_package_makes_openmp_wait_passively_unless_set(monkeypatc
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     importlib.reload(icl_circuits)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.real_model
+def test_evaluate_in_process_on_the_loaded_real_model(smollm2, tmp_path, capsys):
+    """``main(argv, model=...)`` runs on the loaded model (no reload), with the language-model default n."""
+    from icl_circuits.tasks.defaults import DEFAULTS
+
+    argv = ["evaluate", "--model", "smollm2-135m", "--task", "arbitrary-word-symbol", "--shots", "0,1", "--out",
+            str(tmp_path)]  # fmt: skip
+    assert main(argv, model=smollm2) == 0
+    data = json.loads((tmp_path / "evaluation.json").read_text())
+    assert data["provenance"]["args"]["n"] == DEFAULTS["language"]["evaluate"]["n"]
+    assert [r["shots"] for r in data["rows"]] == [0, 1] and "done in" in capsys.readouterr().err

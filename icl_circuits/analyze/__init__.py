@@ -117,7 +117,8 @@ def run_from_args(name: str, args: argparse.Namespace) -> int:
     from icl_circuits.models import load_model
 
     spec = get_analysis(name)
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    given = getattr(args, "loaded_model", None)  # icl_circuits.cli.main(..., model=...)
+    model = given if given is not None else load_model(args.model, tokenizer=args.tokenizer, device=args.device)
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = spec.run(model, seed=args.seed, n=args.n, tasks=tasks, progress=True)
     print(result.findings()["reading"])

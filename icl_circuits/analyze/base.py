@@ -26,7 +26,7 @@ import torch
 from icl_circuits.errors import InputError, TaskError, TokenizationError
 from icl_circuits.report import Section, table_html
 from icl_circuits.results import Result
-from icl_circuits.tasks import corpus
+from icl_circuits.tasks.defaults import uses_corpus_vocab
 from icl_circuits.tasks.scoring import batch_chunks, padded_batch
 
 
@@ -88,18 +88,6 @@ class AnalysisMixin(Result):
 
 
 # ---------------------------------------------------------------- which tasks a model can run
-
-
-def uses_corpus_vocab(model: Any) -> bool:
-    """True when the model's tokenizer is the fixture corpus's word-level vocabulary (``corpus.TOKEN_ID``)."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None or int(model.cfg.d_vocab) < len(corpus.VOCAB):
-        return False
-    try:
-        ids = tok.convert_tokens_to_ids(list(corpus.VOCAB))
-    except (KeyError, TypeError, ValueError):
-        return False
-    return list(ids) == [corpus.TOKEN_ID[t] for t in corpus.VOCAB]
 
 
 #: Task files tried, in this order, as the defaults for models outside the fixture vocabulary.

@@ -33,12 +33,13 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, head_name, pick_tasks, uses_corpus_vocab
+from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, head_name, pick_tasks
 from icl_circuits.models import model_info
 from icl_circuits.patching.ablation import ablated_logits, mean_z
 from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.shapes import all_heads, check_model_heads
 from icl_circuits.tasks import corpus
+from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
 from icl_circuits.tasks.scoring import answer_logits, scores_from_logits
@@ -173,8 +174,8 @@ def run_label_binding(
     Raises:
         InputError: bad sizes or heads; TaskError: unknown task.
     """
-    n = 64 if n is None else n
-    k = (6 if uses_corpus_vocab(model) else 4) if shots is None else shots
+    n = run_default(model, "label-binding", "n", n)
+    k = run_default(model, "label-binding", "shots", shots)
     check_positive(n=n, shots=k)
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k)
     if heads is None:

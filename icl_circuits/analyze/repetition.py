@@ -35,6 +35,7 @@ from icl_circuits.fast_weights.predictions import measure_predictions
 from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.results import series_colors
+from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
 from icl_circuits.tasks.roles import render_examples
@@ -171,8 +172,8 @@ def run_repetition(
     Raises:
         InputError: bad sizes; TaskError: unknown task, fewer than 2 shots for the fast weights.
     """
-    n = 64 if n is None else n
-    k = 4 if shots is None else shots
+    n = run_default(model, "repetition", "n", n)
+    k = run_default(model, "repetition", "shots", shots)
     rs = sorted({int(r) for r in repeats} | {1})
     check_positive(n=n, shots=k, n_heads=n_heads, **{f"repeat_{r}": r for r in rs})
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k)

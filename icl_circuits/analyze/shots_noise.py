@@ -47,6 +47,7 @@ from icl_circuits.analyze.base import (
 from icl_circuits.errors import InputError, PromptTooLongError
 from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
+from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import CheckedTask, build_prompts, check_task, render_prompt
 from icl_circuits.tasks.registry import FewShot, get_task
 from icl_circuits.tasks.scoring import answer_logits, at_chance, evaluate, label_log_probs, shrink_coefficient
@@ -259,7 +260,7 @@ def run_shots_and_noise(
     Raises:
         InputError: bad ``n``/``noise``; TaskError: unknown task.
     """
-    n = 64 if n is None else n
+    n = run_default(model, "shots-and-noise", "n", n)
     check_positive(n=n, noise_shots=noise_shots)
     rates = sorted({float(p) for p in noise} | {0.0})
     if any(not 0.0 <= p <= 1.0 for p in rates):
