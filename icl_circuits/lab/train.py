@@ -57,9 +57,10 @@ def build_model(
         pad_token_id=corpus.TOKEN_ID[corpus.PAD],
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(cfg)
+    model: Any = GPT2LMHeadModel(cfg)
     if attn_only:
         with torch.no_grad():
+            block: Any
             for block in model.transformer.h:
                 block.mlp.c_proj.weight.zero_()
                 block.mlp.c_proj.bias.zero_()
@@ -69,6 +70,7 @@ def build_model(
 
 def freeze_mlps(model: Any) -> None:
     """Attention-only: stop gradients to every MLP (its zero output projection stays zero)."""
+    block: Any
     for block in model.transformer.h:
         for p in block.mlp.parameters():
             p.requires_grad_(False)
@@ -229,7 +231,7 @@ def _save_checkpoint(run_dir: Path, step: int, model: Any, opt: torch.optim.Opti
 def _load_checkpoint(folder: Path, cfg: LabConfig) -> tuple[Any, torch.optim.AdamW, np.random.Generator]:
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
+    model: Any = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
     if cfg.attn_only:
         freeze_mlps(model)
     opt = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
