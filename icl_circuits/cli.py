@@ -428,6 +428,29 @@ def _defaults(command: str, setting: str) -> str:
     return f"{fixture} on fixtures, {language} on language models"
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from icl_circuits.lab.config import load_config
+    from icl_circuits.lab.train import read_run_config, train
+
+    if args.config is None and not args.resume:
+        raise InputError("give --config FILE.toml|json (or --resume to continue the run in --out)")
+    config = load_config(args.config, seed=args.seed_given) if args.config else read_run_config(args.out)
+    run = train(config, args.out, resume=args.resume, threads=args.threads or default_threads(), progress=True)
+    print(run.summary())
+    return 0
+
+
+def _cmd_dynamics(args: argparse.Namespace) -> int:
+    from icl_circuits.lab.dynamics import run_dynamics, write_dynamics
+
+    dyn = run_dynamics(args.run_dir, n=args.n, seed=args.seed, threshold=args.threshold, min_drop=args.min_drop)
+    print(dyn.to_dataframe().to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(dyn.reading())
+    json_path, html_path = write_dynamics(dyn, args.out if args.out is not None else args.run_dir)
+    print(f"wrote {json_path} and {html_path}")
+    return 0
+
+
 def _out_arg(p: argparse.ArgumentParser, default: str | None, files: str) -> None:
     where = f"default {default}" if default else "default: print only, write nothing"
     p.add_argument("--out", default=default, metavar="FOLDER",
@@ -524,6 +547,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts (or demo sets) per condition (default: the analysis's own)")  # fmt: skip
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: chosen for the model)")
     _out_arg(p, "out/analyses", "NAME.json and NAME.html")
+
+    p = _subparser(sub, "train", "train a small model on the ICL corpus with checkpoints (the training lab)",
+                   "Writes RUN_DIR/lab_config.json, train_log.jsonl (loss per kind of sequence, per step) and "
+                   "step-NNNNNN/ checkpoints, each a model folder that --model accepts.", _cmd_train)  # fmt: skip
+    p.add_argument("--config", default=None, help="a .toml or .json lab config (see analyses/lab/)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run folder, created with its parents")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--seed", dest="seed_given", type=seed_value, default=None,
+                   help=f"replace the config's seed, an integer in 0..{SEED_MAX}")  # fmt: skip
+    p.add_argument("--threads", type=at_least(1, 1024), default=None,
+                   help="torch CPU threads (recorded: weights are reproducible for a seed and a thread count)")
+
+    p = _subparser(sub, "dynamics", "measure head scores, in-context score and accuracy at every checkpoint",
+                   "Writes dynamics.json and the offline report dynamics.html (in RUN_DIR unless --out).",
+                   _cmd_dynamics)  # fmt: skip
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by icl-circuits train")
+    p.add_argument("--n", type=at_least(1), default=64, help="prompts per family and checkpoint (default 64)")
+    p.add_argument("--threshold", type=fraction, default=0.4, help="induction/previous-token score of a head "
+                   "that has formed (default 0.4)")  # fmt: skip
+    p.add_argument("--min-drop", type=float, default=0.3, help="smallest in-context-score fall (nats) called a "
+                   "drop (default 0.3)")  # fmt: skip
+    p.add_argument("--seed", type=seed_value, default=0, help=f"random seed, an integer in 0..{SEED_MAX} (default 0)")
+    p.add_argument("--threads", type=at_least(1, 1024), default=None,
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else half the cores, 1 to 4)")  # fmt: skip
+    _out_arg(p, None, "dynamics.json and dynamics.html (default: RUN_DIR)")
     return parser
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.unit
 
 PKG = "icl_circuits"
 SRC = Path(__file__).resolve().parent.parent / PKG
-ORDER = ["models", "tasks", "patching", "heads", "attribution", "fast_weights", "analyze", ("cli", "bench")]
+ORDER = ["models", "tasks", "patching", "heads", "attribution", "fast_weights", "analyze", "lab", ("cli", "bench")]
 LEVEL = {name: i for i, entry in enumerate(ORDER) for name in ((entry,) if isinstance(entry, str) else entry)}
 SHARED = {"errors": set(), "shapes": {"errors"}, "io": {"errors", "models"}, "report": {"errors", "io"},
           "results": {"errors", "io", "report"}}
