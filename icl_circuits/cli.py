@@ -252,6 +252,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model spec (default {DEFAULT_MODEL}); icl-circuits models lists the forms")  # fmt: skip
     p.add_argument("--tokenizer", default=None, help="llama2.c tokenizer file, for .bin checkpoints")
+    p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
+                   help="start prompts with the BOS token (default auto: what the model was trained with)")  # fmt: skip
     add_run_args(p)
 
 
@@ -261,6 +263,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_value, default=0, help=f"random seed, an integer in 0..{SEED_MAX} (default 0)")
     p.add_argument("--threads", type=at_least(1, 1024), default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else half the cores, 1 to 4)")  # fmt: skip
+
+
+def _bos(args: argparse.Namespace) -> str:
+    """``--bos`` (``auto`` where a command has no such option)."""
+    return str(getattr(args, "bos", "auto"))
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -304,7 +311,7 @@ def _cmd_head_scan(args: argparse.Namespace) -> int:
     from icl_circuits.heads.scan import scan_heads
     from icl_circuits.models import load_model
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device, prepend_bos=_bos(args))
     scan = scan_heads(model, seq_len=args.seq_len, batch=args.batch, seed=args.seed, ablation=not args.no_ablation)
     cols = ["name", "induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation", "roles"]
     print(scan.to_dataframe()[cols].head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -332,7 +339,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from icl_circuits.tasks.scoring import evaluate
 
     shots = args.shots
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device, prepend_bos=_bos(args))
     task = get_task(args.task, model)
     kw = {"noise": args.noise, "permute": args.permute, "repeat": args.repeat, "substitute": args.substitute}
     ev = evaluate(model, task, shots, n=args.n, seed=args.seed, **kw)
@@ -351,7 +358,7 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
     from icl_circuits.io import provenance
     from icl_circuits.models import load_model
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device, prepend_bos=_bos(args))
     heads = "auto" if args.heads == "auto" else args.heads
     run = run_fast_weights(model, args.task, args.shots, heads=heads, n_top=args.top, n_prompts=args.n, seed=args.seed,
                            transplant=not args.no_transplant, predictions=not args.no_predictions)  # fmt: skip
@@ -380,7 +387,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from icl_circuits.models import load_model
     from icl_circuits.tasks.registry import get_task
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device, prepend_bos=_bos(args))
     task = get_task(args.task, model)
     att = attribute(model, task, n_shots=args.shots, n=args.n, method=args.method, corruption=args.corruption,
                     direction=args.direction, seed=args.seed, positions=not args.no_positions,
