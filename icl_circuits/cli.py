@@ -253,6 +253,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model spec (default {DEFAULT_MODEL}); icl-circuits models lists the forms")  # fmt: skip
     p.add_argument("--tokenizer", default=None, help="llama2.c tokenizer file, for .bin checkpoints")
+    p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
+                   help="start prompts with the BOS token (default auto: what the model was trained with)")  # fmt: skip
     add_run_args(p)
 
 
@@ -266,9 +268,16 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _model(args: argparse.Namespace, load: Callable[..., Any]) -> Any:
     """The model a handler runs on: the one passed to :func:`main` (``model=``, already loaded), else
-    ``load(--model, --tokenizer, --device)``."""
+    ``load(--model, --tokenizer, --device, --bos)``."""
     given = getattr(args, "loaded_model", None)
-    return given if given is not None else load(args.model, tokenizer=args.tokenizer, device=args.device)
+    if given is not None:
+        return given
+    return load(args.model, tokenizer=args.tokenizer, device=args.device, prepend_bos=_bos(args))
+
+
+def _bos(args: argparse.Namespace) -> str:
+    """``--bos`` (``auto`` where a command has no such option)."""
+    return str(getattr(args, "bos", "auto"))
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

@@ -118,7 +118,10 @@ def run_from_args(name: str, args: argparse.Namespace) -> int:
 
     spec = get_analysis(name)
     given = getattr(args, "loaded_model", None)  # icl_circuits.cli.main(..., model=...)
-    model = given if given is not None else load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    if given is None:
+        bos = str(getattr(args, "bos", "auto"))
+        given = load_model(args.model, tokenizer=args.tokenizer, device=args.device, prepend_bos=bos)
+    model = given
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = spec.run(model, seed=args.seed, n=args.n, tasks=tasks, progress=True)
     print(result.findings()["reading"])

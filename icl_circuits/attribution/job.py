@@ -343,13 +343,14 @@ def _roles(model: Any, batch: PatchingBatch, template: Any) -> tuple[PromptRoles
     """Token roles of the clean prompts and ``""``, or ``(None, why)`` when the template's arrow or separator
     is not one token in running text (then no per-demo grouping)."""
     from icl_circuits.errors import TokenizationError
+    from icl_circuits.models import bos_offset
     from icl_circuits.tasks.prompts import continuation_ids, encode
     from icl_circuits.tasks.roles import roles_from_tokens
 
     try:
         arrow = continuation_ids(model, "x", template.io_sep.rstrip())
         sep = continuation_ids(model, "x", template.demo_sep)
-        prefix_len = len(encode(model, template.prefix)) if template.prefix else 1
+        prefix_len = len(encode(model, template.prefix)) if template.prefix else bos_offset(model)
         if len(arrow) != 1 or len(sep) != 1:
             return None, f"the arrow ({len(arrow)} tokens) or the separator ({len(sep)} tokens) is not one token"
         return roles_from_tokens(batch.clean_tokens, arrow_id=arrow[0], sep_id=sep[0],
