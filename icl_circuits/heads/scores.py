@@ -4,8 +4,8 @@ Sequences are ``[BOS, r, r, ...]``: ``r`` is ``n`` random ordinary tokens (speci
 distinct within a sequence when the vocabulary allows), repeated ``c`` times. The BOS is there only
 when the model's prompts start with one (:func:`~icl_circuits.models.uses_bos`, a per-model
 setting; ``o = 1`` with it, ``0`` without): positions are ``0`` (BOS) and ``o + i*n + j`` for copy
-``i`` and offset ``j``, and every function below reads ``o`` from the sequence width (``o + c*n``). ``A = blocks.{l}.attn.hook_pattern``
-``[batch, head, q, k]``. For a query ``q`` in copy ``i >= 1``:
+``i`` and offset ``j``, and every function below reads ``o`` from the sequence width (``o + c*n``).
+``A = blocks.{l}.attn.hook_pattern`` ``[batch, head, q, k]``. For a query ``q`` in copy ``i >= 1``:
 
 * induction score (``c = 2``): ``A[q, q - n + 1]``, the token right after the first occurrence of the
   current token (the offset stripe), averaged over the ``n`` second-copy queries and the batch;
