@@ -34,12 +34,14 @@ class Batch:
 
 def make_batch(model: Any, n: int = 4, shots: int = 3, seed: int = 0) -> Batch:
     """``n`` clean/corrupted ``fixture-bound`` pairs (shuffled labels) and the clean prompts' roles."""
+    from icl_circuits.models import bos_offset
     from icl_circuits.tasks.pairs import patching_batch
     from icl_circuits.tasks.registry import get_task
     from icl_circuits.tasks.roles import roles_from_tokens
 
     b = patching_batch(model, get_task("fixture-bound", model), shots, n, seed)
-    roles = roles_from_tokens(b.clean_tokens, arrow_id=3, sep_id=4, last_positions=b.last_positions)
+    roles = roles_from_tokens(b.clean_tokens, arrow_id=3, sep_id=4, last_positions=b.last_positions,
+                             prefix_len=bos_offset(model))
     return Batch(b.clean_tokens, b.corrupted_tokens, b.answer_tokens, b.contrast_tokens, b.last_positions, roles)
 
 
@@ -322,6 +324,7 @@ def cell_fast_weight_read(model: Any, b: Batch) -> Pair:
     """One prompt's softmax memory read by its own query (before rotation) = the heads' demo part
     ``sum_{s in D} A[q, s] v_s`` of a direct forward (``hook_pattern``, ``hook_v``)."""
     from icl_circuits.fast_weights.transplant import demo_memory, memory_read
+    from icl_circuits.models import bos_offset
     from icl_circuits.models.attention import pre_rotary
     from icl_circuits.tasks.roles import roles_from_tokens
 
@@ -329,7 +332,8 @@ def cell_fast_weight_read(model: Any, b: Batch) -> Pair:
     n_heads, ours, ref = model.cfg.n_heads, [], []
     for p in range(b.clean.shape[0]):
         tok, last = b.clean[p : p + 1], b.last[p : p + 1]
-        mem = demo_memory(model, tok, roles_from_tokens(tok, arrow_id=3, sep_id=4, last_positions=last))
+        roles = roles_from_tokens(tok, arrow_id=3, sep_id=4, last_positions=last, prefix_len=bos_offset(model))
+        mem = demo_memory(model, tok, roles)
         demo = (b.roles.demo_index[p] >= 0).float()
         for l in range(model.cfg.n_layers):
             ours.append(memory_read(mem, l, pre_rotary(cache, l, "q")[p, last]).reshape(n_heads, -1))
