@@ -123,18 +123,19 @@ def cell_scoring(model: Any, b: Batch) -> Pair:
 
 def cell_head_scores(model: Any, b: Batch) -> Pair:
     from icl_circuits.heads.scores import attention_scores, repeated_random_tokens
+    from icl_circuits.models import bos_offset
 
     g = torch.Generator().manual_seed(0)
-    seq = 6
+    seq, o = 6, bos_offset(model)  # o = 1 with a BOS at position 0, else 0
     tokens = repeated_random_tokens(model, 2, seq, g)
     prefix = repeated_random_tokens(model, 2, seq, g, repeats=3)
     ours, _ = attention_scores(model, tokens, seq, prefix, 3)
     cache = _cache(model, tokens, lambda n: n.endswith("hook_pattern"))
     ref = []
     for l in range(model.cfg.n_layers):
-        p = cache[f"blocks.{l}.attn.hook_pattern"].float()  # [batch, head, q, k]; query 1+seq+i attends to 1+i+1
+        p = cache[f"blocks.{l}.attn.hook_pattern"].float()  # [batch, head, q, k]; query o+seq+i attends to o+i+1
         idx = torch.arange(seq)
-        ref.append(p[:, :, 1 + seq + idx, 2 + idx].mean((0, 2)) if seq > 1 else p[:, :, 0, 0] * 0)
+        ref.append(p[:, :, o + seq + idx, o + 1 + idx].mean((0, 2)) if seq > 1 else p[:, :, 0, 0] * 0)
     return ours["induction"][:, :], torch.stack(ref).cpu()
 
 

@@ -85,6 +85,25 @@ def _colour(t) -> str | None:
     return None
 
 
+def _lab_results(run_dir):
+    """A 4-step run of the shipped phase-change config (2 checkpoints) and its dynamics."""
+    from dataclasses import replace
+
+    import torch
+
+    import icl_circuits.lab.train as lt
+    from icl_circuits.lab.config import load_config
+    from icl_circuits.lab.dynamics import run_dynamics
+
+    before = torch.get_num_threads()
+    try:
+        cfg = replace(load_config("analyses/lab/phase_change.toml"), steps=4, checkpoint_every=4)
+        run = lt.train(cfg, run_dir / "run", threads=1, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return [run, run_dynamics(run_dir / "run", n=4, progress=False)]
+
+
 @pytest.fixture(scope="module")
 def instances(tmp_path_factory):
     from icl_circuits.analyze import run_analysis
@@ -109,6 +128,7 @@ def instances(tmp_path_factory):
              att, att.heads["patching"], att.demos, att.function_vectors, atp, atp.agreement(att.heads["patching"]),
              run, run.fast_weights, run.transplant, run.predictions, rvc, *rvc.parts,
              compare_with_gd(LinearSelfAttention(LSAConfig(d=2)), n_demos=(1, 2), batch=16)]  # fmt: skip
+    found += _lab_results(tmp_path_factory.mktemp("lab_run"))
     out: dict = {type(r): r for r in found if r is not None}
     out["model"] = model
     return out

@@ -29,6 +29,7 @@ from typing import Any
 from icl_circuits.errors import InputError
 from icl_circuits.io import atomic_write_json, versions
 from icl_circuits.lab.train import list_checkpoints, loss_figure, read_log, read_run_config
+from icl_circuits.results import Result, series_colors
 
 SCORES = ("induction", "previous_token", "prefix_matching")
 
@@ -48,7 +49,7 @@ def drop_step(steps: list[int], values: list[float], min_drop: float) -> int | N
 
 
 @dataclass(frozen=True)
-class Dynamics:
+class Dynamics(Result):
     """Measurements at each checkpoint of one run, and the events read from them."""
 
     run_dir: str
@@ -151,7 +152,15 @@ class Dynamics:
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def plot(self) -> dict[str, Any]:
+    def figures(self) -> list[Any]:
+        """The panels of :meth:`figure_dict`, in order."""
+        return list(self.figure_dict().values())
+
+    def findings(self) -> dict[str, Any]:
+        flat = {k: v for k, v in self.events().items() if not isinstance(v, dict)}
+        return {**flat, "reading": self.reading()}
+
+    def figure_dict(self) -> dict[str, Any]:
         """Figures (pure): head scores per head, in-context score, accuracy per family, training loss."""
         import plotly.graph_objects as go
 
@@ -159,16 +168,19 @@ class Dynamics:
         figs: dict[str, Any] = {}
         for score in ("induction", "previous_token"):
             fig = go.Figure()
+            colors = series_colors(f"L{l}H{h}" for l in range(self.n_layers) for h in range(self.n_heads))
             for l in range(self.n_layers):
                 for h in range(self.n_heads):
+                    c = colors[f"L{l}H{h}"]
                     fig.add_trace(go.Scatter(x=list(self.steps), y=self.head_series(score, l, h), mode="lines+markers",
-                                             name=f"L{l}H{h}"))  # fmt: skip
+                                             name=f"L{l}H{h}", line={"color": c}, marker={"color": c}))  # fmt: skip
             fig.add_hline(y=self.threshold, line_dash="dot")
             fig.update_layout(title=f"{score} score per head", xaxis_title="step", yaxis_title=score,
                               yaxis_range=[0, 1.02])  # fmt: skip
             figs[score] = fig
+        c0 = series_colors(["in-context score"])["in-context score"]
         fig = go.Figure(go.Scatter(x=list(self.steps), y=list(self.in_context_score), mode="lines+markers",
-                                   name="in-context score"))  # fmt: skip
+                                   name="in-context score", line={"color": c0}, marker={"color": c0}))  # fmt: skip
         for key, label in (("induction_step", "induction head"), ("ics_drop_step", "drop")):
             if e[key] is not None:
                 fig.add_vline(x=e[key], line_dash="dash", annotation_text=f"{label} @ {e[key]}")
@@ -176,8 +188,10 @@ class Dynamics:
                           yaxis_title="nats")  # fmt: skip
         figs["in_context_score"] = fig
         fig = go.Figure()
+        fam = series_colors(self.families)
         for f, v in self.families.items():
-            fig.add_trace(go.Scatter(x=list(self.steps), y=v["accuracy"], mode="lines+markers", name=f))
+            fig.add_trace(go.Scatter(x=list(self.steps), y=v["accuracy"], mode="lines+markers", name=f,
+                                     line={"color": fam[f]}, marker={"color": fam[f]}))  # fmt: skip
         fig.update_layout(title="accuracy per family", xaxis_title="step", yaxis_title="accuracy",
                           yaxis_range=[0, 1.02])  # fmt: skip
         figs["accuracy"] = fig
@@ -189,7 +203,7 @@ class Dynamics:
             figs["loss"] = loss_figure(pd.DataFrame(rows))
         return figs
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "run_dir": self.run_dir, "steps": list(self.steps), "heads": self.heads,
             "in_context_score": list(self.in_context_score), "families": self.families,
@@ -198,10 +212,6 @@ class Dynamics:
             "events": self.events(), "reading": self.reading(),
         }  # fmt: skip
 
-    def _repr_html_(self) -> str:
-        from icl_circuits.report import figure_html
-
-        return f"<p>{self.reading()}</p>" + "".join(figure_html(f) for f in self.plot().values())
 
 
 def heldout_shifts(train_shifts: tuple[int, ...], k: int = 3) -> tuple[int, ...]:
@@ -276,8 +286,8 @@ def write_dynamics(dyn: Dynamics, out: str | os.PathLike[str]) -> tuple[Path, Pa
     from icl_circuits.report import Section, figure_html, table_html, write_report
 
     out = Path(out)
-    json_path = atomic_write_json(out / "dynamics.json", dyn.to_json_dict())
-    figs = dyn.plot()
+    json_path = atomic_write_json(out / "dynamics.json", dyn.to_dict())
+    figs = dyn.figure_dict()
     form = pd.DataFrame({"head": list(dyn.formation_steps("induction")),
                          "induction from step": list(dyn.formation_steps("induction").values()),
                          "previous-token from step": list(dyn.formation_steps("previous_token").values())})  # fmt: skip

@@ -33,6 +33,7 @@ import torch
 from icl_circuits.errors import InputError
 from icl_circuits.io import atomic_folder, atomic_write_json, atomic_write_text, check_output_dir, versions
 from icl_circuits.lab.config import LabConfig
+from icl_circuits.results import Result, series_colors
 from icl_circuits.tasks import corpus
 
 CONFIG_FILE = "lab_config.json"
@@ -164,7 +165,7 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> LabConfig:
 
 
 @dataclass(frozen=True)
-class TrainRun:
+class TrainRun(Result):
     """A finished (or resumed-and-finished) training run: where it is and what it logged."""
 
     run_dir: Path
@@ -187,16 +188,18 @@ class TrainRun:
         """Training loss per kind against step (rolling mean over ``window`` steps). Pure."""
         return loss_figure(self.to_dataframe(), window)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Where the run is, its checkpoints and its log (JSON-ready)."""
+        return {"run_dir": str(self.run_dir), "config": self.config.to_dict(),
+                "checkpoints": [[s, str(p)] for s, p in self.checkpoints], "threads": self.threads,
+                "wall_time_s": self.wall_time_s, "resumed_from": self.resumed_from, "log": list(self.log)}  # fmt: skip
+
     def summary(self) -> str:
         last = self.checkpoints[-1][0] if self.checkpoints else None
         resumed = f", resumed from step {self.resumed_from}" if self.resumed_from is not None else ""
         return (f"{self.config.name}: {len(self.checkpoints)} checkpoints up to step {last} in {self.run_dir} "
                 f"({self.wall_time_s:.0f} s, {self.threads} thread(s){resumed})")  # fmt: skip
 
-    def _repr_html_(self) -> str:
-        from icl_circuits.report import figure_html
-
-        return f"<p>{self.summary()}</p>" + figure_html(self.plot())
 
 
 def loss_figure(df: Any, window: int = 25) -> Any:
@@ -207,7 +210,9 @@ def loss_figure(df: Any, window: int = 25) -> Any:
     for col in ["loss", *[f"loss_{k}" for k in KINDS]]:
         if col in df and df[col].notna().any():
             y = df[col].rolling(window, min_periods=1).mean()
-            fig.add_trace(go.Scatter(x=df["step"], y=y, mode="lines", name=col.replace("loss_", "") or col))
+            c = series_colors(["loss", *[f"loss_{k}" for k in KINDS]])[col]
+            fig.add_trace(go.Scatter(x=df["step"], y=y, mode="lines", name=col.replace("loss_", "") or col,
+                                     line={"color": c}))  # fmt: skip
     fig.update_layout(title=f"training loss (rolling mean over {window} steps)", xaxis_title="step",
                       yaxis_title="loss (nats)")  # fmt: skip
     return fig
