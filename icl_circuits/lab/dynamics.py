@@ -28,7 +28,7 @@ from typing import Any
 
 from icl_circuits.errors import InputError
 from icl_circuits.io import atomic_write_json, versions
-from icl_circuits.lab.train import list_checkpoints, loss_figure, read_log, read_run_config
+from icl_circuits.lab.train import kind_colors, list_checkpoints, loss_figure, read_log, read_run_config
 from icl_circuits.results import Result, series_colors
 
 SCORES = ("induction", "previous_token", "prefix_matching")
@@ -168,7 +168,7 @@ class Dynamics(Result):
         figs: dict[str, Any] = {}
         for score in ("induction", "previous_token"):
             fig = go.Figure()
-            colors = series_colors(f"L{l}H{h}" for l in range(self.n_layers) for h in range(self.n_heads))
+            colors = series_colors([f"L{l}H{h}" for l in range(self.n_layers) for h in range(self.n_heads)])
             for l in range(self.n_layers):
                 for h in range(self.n_heads):
                     c = colors[f"L{l}H{h}"]
@@ -188,7 +188,7 @@ class Dynamics(Result):
                           yaxis_title="nats")  # fmt: skip
         figs["in_context_score"] = fig
         fig = go.Figure()
-        fam = series_colors(self.families)
+        fam = kind_colors(*self.families)
         for f, v in self.families.items():
             fig.add_trace(go.Scatter(x=list(self.steps), y=v["accuracy"], mode="lines+markers", name=f,
                                      line={"color": fam[f]}, marker={"color": fam[f]}))  # fmt: skip

@@ -202,6 +202,11 @@ class TrainRun(Result):
 
 
 
+def kind_colors(*more: str) -> dict[str, str]:
+    """One colour per kind of sequence (and ``"loss"``), the same in every lab figure; ``more`` names come after."""
+    return series_colors(["loss", *KINDS, *more])
+
+
 def loss_figure(df: Any, window: int = 25) -> Any:
     """Loss per kind of sequence (rolling mean) against the training step, from a log DataFrame. Pure."""
     import plotly.graph_objects as go
@@ -210,9 +215,9 @@ def loss_figure(df: Any, window: int = 25) -> Any:
     for col in ["loss", *[f"loss_{k}" for k in KINDS]]:
         if col in df and df[col].notna().any():
             y = df[col].rolling(window, min_periods=1).mean()
-            c = series_colors(["loss", *[f"loss_{k}" for k in KINDS]])[col]
-            fig.add_trace(go.Scatter(x=df["step"], y=y, mode="lines", name=col.replace("loss_", "") or col,
-                                     line={"color": c}))  # fmt: skip
+            name = col.replace("loss_", "") or col
+            fig.add_trace(go.Scatter(x=df["step"], y=y, mode="lines", name=name,
+                                     line={"color": kind_colors()[name]}))  # fmt: skip
     fig.update_layout(title=f"training loss (rolling mean over {window} steps)", xaxis_title="step",
                       yaxis_title="loss (nats)")  # fmt: skip
     return fig
