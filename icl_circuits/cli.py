@@ -15,6 +15,7 @@ import difflib
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -252,6 +253,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model spec (default {DEFAULT_MODEL}); icl-circuits models lists the forms")  # fmt: skip
     p.add_argument("--tokenizer", default=None, help="llama2.c tokenizer file, for .bin checkpoints")
+    p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
+                   help="start prompts with the BOS token (default auto: what the model was trained with)")  # fmt: skip
     add_run_args(p)
 
 
@@ -261,6 +264,20 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_value, default=0, help=f"random seed, an integer in 0..{SEED_MAX} (default 0)")
     p.add_argument("--threads", type=at_least(1, 1024), default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else half the cores, 1 to 4)")  # fmt: skip
+
+
+def _model(args: argparse.Namespace, load: Callable[..., Any]) -> Any:
+    """The model a handler runs on: the one passed to :func:`main` (``model=``, already loaded), else
+    ``load(--model, --tokenizer, --device, --bos)``."""
+    given = getattr(args, "loaded_model", None)
+    if given is not None:
+        return given
+    return load(args.model, tokenizer=args.tokenizer, device=args.device, prepend_bos=_bos(args))
+
+
+def _bos(args: argparse.Namespace) -> str:
+    """``--bos`` (``auto`` where a command has no such option)."""
+    return str(getattr(args, "bos", "auto"))
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -304,7 +321,7 @@ def _cmd_head_scan(args: argparse.Namespace) -> int:
     from icl_circuits.heads.scan import scan_heads
     from icl_circuits.models import load_model
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = _model(args, load_model)
     scan = scan_heads(model, seq_len=args.seq_len, batch=args.batch, seed=args.seed, ablation=not args.no_ablation)
     cols = ["name", "induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation", "roles"]
     print(scan.to_dataframe()[cols].head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -328,11 +345,13 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from icl_circuits.io import atomic_write_json, provenance
     from icl_circuits.models import load_model
+    from icl_circuits.tasks.defaults import run_default
     from icl_circuits.tasks.registry import get_task
     from icl_circuits.tasks.scoring import evaluate
 
     shots = args.shots
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = _model(args, load_model)
+    args.n = run_default(model, "evaluate", "n", args.n)
     task = get_task(args.task, model)
     kw = {"noise": args.noise, "permute": args.permute, "repeat": args.repeat, "substitute": args.substitute}
     ev = evaluate(model, task, shots, n=args.n, seed=args.seed, **kw)
@@ -350,10 +369,13 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
     from icl_circuits.fast_weights.job import run_fast_weights, write_fast_weights
     from icl_circuits.io import provenance
     from icl_circuits.models import load_model
+    from icl_circuits.tasks.defaults import run_default
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = _model(args, load_model)
+    args.n = run_default(model, "fast-weights", "n", args.n)
+    args.shots = run_default(model, "fast-weights", "shots", args.shots)
     heads = "auto" if args.heads == "auto" else args.heads
-    run = run_fast_weights(model, args.task, args.shots, heads=heads, n_top=args.top, n_prompts=args.n, seed=args.seed,
+    run = run_fast_weights(model, args.task, args.shots, heads=heads, n_top=args.top, n=args.n, seed=args.seed,
                            transplant=not args.no_transplant, predictions=not args.no_predictions)  # fmt: skip
     cols = ["layer", "head", "demo_share", "answer_dla", "effective_rank", "rank90", "reconstruction_cosine"]
     df = run.to_dataframe().sort_values("answer_dla", ascending=False)
@@ -366,8 +388,8 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
               f"shuffled {t.shuffled_control_acc:.3f}; with the fast weight {t.fast_weight_acc:.3f}, random "
               f"{t.fast_weight_random_acc:.3f}, shuffled {t.fast_weight_shuffled_acc:.3f}, softmax memory "
               f"{t.memory_acc:.3f}")  # fmt: skip
-    elif run.transplant_skipped:
-        print(f"transplant skipped: {run.transplant_skipped}")
+    for what in run.skipped:
+        print(f"skipped: {what}")
     prov = provenance(model, args.seed, task=args.task, shots=args.shots, heads=args.heads, n=args.n, top=args.top)
     json_path, html_path = write_fast_weights(run, args.out, prov)
     print(f"wrote {json_path} and {html_path}")
@@ -378,11 +400,14 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from icl_circuits.attribution.job import attribute, write_attribution
     from icl_circuits.io import provenance
     from icl_circuits.models import load_model
+    from icl_circuits.tasks.defaults import run_default
     from icl_circuits.tasks.registry import get_task
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    model = _model(args, load_model)
+    args.n = run_default(model, "attribute", "n", args.n)
+    args.shots = run_default(model, "attribute", "shots", args.shots)
     task = get_task(args.task, model)
-    att = attribute(model, task, n_shots=args.shots, n=args.n, method=args.method, corruption=args.corruption,
+    att = attribute(model, task, shots=args.shots, n=args.n, method=args.method, corruption=args.corruption,
                     direction=args.direction, seed=args.seed, positions=not args.no_positions,
                     paths=not args.no_paths, function_vectors=args.function_vectors)  # fmt: skip
     print(att.to_dataframe().head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -402,6 +427,37 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             print(f"  {spec.name:<18} {spec.question}")
         return 0
     return run_from_args(args.name, args)
+
+
+def _defaults(command: str, setting: str) -> str:
+    """The defaults per model kind for --help: ``"32 on fixtures, 8 on language models"``."""
+    from icl_circuits.tasks.defaults import DEFAULTS
+
+    fixture, language = (DEFAULTS[kind][command][setting] for kind in ("fixture", "language"))
+    return f"{fixture} on fixtures, {language} on language models"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from icl_circuits.lab.config import load_config
+    from icl_circuits.lab.train import read_run_config, train
+
+    if args.config is None and not args.resume:
+        raise InputError("give --config FILE.toml|json (or --resume to continue the run in --out)")
+    config = load_config(args.config, seed=args.seed_given) if args.config else read_run_config(args.out)
+    run = train(config, args.out, resume=args.resume, threads=args.threads or default_threads(), progress=True)
+    print(run.summary())
+    return 0
+
+
+def _cmd_dynamics(args: argparse.Namespace) -> int:
+    from icl_circuits.lab.dynamics import run_dynamics, write_dynamics
+
+    dyn = run_dynamics(args.run_dir, n=args.n, seed=args.seed, threshold=args.threshold, min_drop=args.min_drop)
+    print(dyn.to_dataframe().to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(dyn.reading())
+    json_path, html_path = write_dynamics(dyn, args.out if args.out is not None else args.run_dir)
+    print(f"wrote {json_path} and {html_path}")
+    return 0
 
 
 def _out_arg(p: argparse.ArgumentParser, default: str | None, files: str) -> None:
@@ -441,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--shots", type=shot_list, default=[0, 1, 2, 4, 8],
                    help="comma-separated numbers of shots, spaces allowed (default 0,1,2,4,8)")  # fmt: skip
-    p.add_argument("--n", type=at_least(1), default=100, help="prompts per number of shots (default 100)")
+    p.add_argument("--n", type=at_least(1), default=None,
+                   help=f"prompts per number of shots (default {_defaults('evaluate', 'n')})")  # fmt: skip
     p.add_argument("--noise", type=fraction, default=0.0, help="fraction of demo labels flipped (default 0)")
     p.add_argument("--repeat", type=at_least(1), default=1, help="repeat the demo block r times (default 1)")
     p.add_argument("--permute", action="store_true", help="shuffle the demo order")
@@ -462,10 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "Writes fast_weights.json and the offline report fast_weights.html.", _cmd_fast_weights)
     add_model_args(p)
     p.add_argument("--task", required=True, help=task_help)
-    p.add_argument("--shots", type=at_least(1), default=8, help="demos per prompt (default 8)")
+    p.add_argument("--shots", type=at_least(1), default=None,
+                   help=f"demos per prompt (default {_defaults('fast-weights', 'shots')})")  # fmt: skip
     p.add_argument("--heads", default="auto", help="auto (all heads; top by the demos' answer logit) or L.H,...")
     p.add_argument("--top", type=at_least(1), default=4, help="heads in the task vector with --heads auto (default 4)")
-    p.add_argument("--n", type=at_least(2), default=64, help="prompts (default 64)")
+    p.add_argument("--n", type=at_least(2), default=None, help=f"prompts (default {_defaults('fast-weights', 'n')})")
     p.add_argument("--no-transplant", action="store_true", help="skip the transplant test")
     p.add_argument("--no-predictions", action="store_true", help="skip the repetition/noise/order measurements")
     _out_arg(p, "out/fast_weights", "fast_weights.json and fast_weights.html")
@@ -474,8 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "Writes attribution.json and the offline report attribution.html.", _cmd_attribute)
     add_model_args(p)
     p.add_argument("--task", required=True, help=task_help)
-    p.add_argument("--shots", type=at_least(1), default=8, help="demos per prompt (default 8)")
-    p.add_argument("--n", type=at_least(2), default=32, help="clean/corrupted prompt pairs (default 32)")
+    p.add_argument("--shots", type=at_least(1), default=None,
+                   help=f"demos per prompt (default {_defaults('attribute', 'shots')})")  # fmt: skip
+    p.add_argument("--n", type=at_least(2), default=None,
+                   help=f"clean/corrupted prompt pairs (default {_defaults('attribute', 'n')})")  # fmt: skip
     p.add_argument("--method", default="all", choices=["patching", "atp", "atp*", "all"],
                    help="exact activation patching, AtP, AtP* or all three with their correlations (default all)")
     p.add_argument("--corruption", default="shuffled_labels",
@@ -496,6 +556,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts (or demo sets) per condition (default: the analysis's own)")  # fmt: skip
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: chosen for the model)")
     _out_arg(p, "out/analyses", "NAME.json and NAME.html")
+
+    p = _subparser(sub, "train", "train a small model on the ICL corpus with checkpoints (the training lab)",
+                   "Writes RUN_DIR/lab_config.json, train_log.jsonl (loss per kind of sequence, per step) and "
+                   "step-NNNNNN/ checkpoints, each a model folder that --model accepts.", _cmd_train)  # fmt: skip
+    p.add_argument("--config", default=None, help="a .toml or .json lab config (see analyses/lab/)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run folder, created with its parents")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--seed", dest="seed_given", type=seed_value, default=None,
+                   help=f"replace the config's seed, an integer in 0..{SEED_MAX}")  # fmt: skip
+    p.add_argument("--threads", type=at_least(1, 1024), default=None,
+                   help="torch CPU threads (recorded: weights are reproducible for a seed and a thread count)")
+
+    p = _subparser(sub, "dynamics", "measure head scores, in-context score and accuracy at every checkpoint",
+                   "Writes dynamics.json and the offline report dynamics.html (in RUN_DIR unless --out).",
+                   _cmd_dynamics)  # fmt: skip
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by icl-circuits train")
+    p.add_argument("--n", type=at_least(1), default=64, help="prompts per family and checkpoint (default 64)")
+    p.add_argument("--threshold", type=fraction, default=0.4, help="induction/previous-token score of a head "
+                   "that has formed (default 0.4)")  # fmt: skip
+    p.add_argument("--min-drop", type=float, default=0.3, help="smallest in-context-score fall (nats) called a "
+                   "drop (default 0.3)")  # fmt: skip
+    p.add_argument("--seed", type=seed_value, default=0, help=f"random seed, an integer in 0..{SEED_MAX} (default 0)")
+    p.add_argument("--threads", type=at_least(1, 1024), default=None,
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else half the cores, 1 to 4)")  # fmt: skip
+    _out_arg(p, None, "dynamics.json and dynamics.html (default: RUN_DIR)")
     return parser
 
 
@@ -509,12 +594,14 @@ def _one_line(e: BaseException) -> str:
     return _printable("; ".join(lines)) or type(e).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, model: Any = None) -> int:
     """Run one command and return its exit code: 0 done (also ``--help``); 2 bad input (a project error, an
     ``OSError`` such as an unwritable output, or a usage error: one line on stderr); 1 a bug (one line and a
     hint); 130 interrupted.
     ``--debug`` / ``ICL_CIRCUITS_DEBUG=1`` adds the traceback. Torch's thread count is set from
-    ``--threads`` before anything loads, and restored on return."""
+    ``--threads`` before anything loads, and restored on return. ``model``: an already loaded model to run
+    on instead of loading ``--model`` (in-process use: tests, notebooks); ``--model`` is still checked.
+    The time the command took is printed on stderr."""
     import torch
 
     try:
@@ -524,12 +611,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(args.debug) or os.environ.get("ICL_CIRCUITS_DEBUG", "") not in ("", "0")
     prog = f"icl-circuits {args.command}"
     threads = torch.get_num_threads()
+    args.loaded_model = model
+    start = time.perf_counter()
     try:
         check_args(args)
         if "threads" in vars(args):
             torch.set_num_threads(args.threads or default_threads())
         handler: Handler = args.handler
-        return handler(args)
+        code = handler(args)
+        print(f"{prog}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        return code
     except (ICLCircuitsError, OSError) as e:
         if debug:
             traceback.print_exc()

@@ -10,7 +10,10 @@ import errno
 import json
 import os
 import platform
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +97,35 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Serialise ``data`` (NaN-free JSON, 2-space indent) first, then write it atomically: a value that
     cannot be serialised raises before anything (even the folder) is created."""
     return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n")
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and rename it to ``path`` when the ``with`` body succeeds.
+
+    Yields the temporary folder to fill. On success an existing ``path`` is replaced (removed, then the
+    new folder renamed in); on any exception (``KeyboardInterrupt`` included) the temporary folder is
+    removed and ``path`` is left as it was, so a reader sees no folder or a complete one.
+
+    Raises:
+        OutputError: the parent folder cannot be written.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _output_error(path, e) from e
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise _output_error(path, e) from e
+        raise
 
 
 def _json_default(obj: Any) -> Any:

@@ -23,11 +23,19 @@ from icl_circuits.io import atomic_write_text
 
 @dataclass(frozen=True)
 class Section:
-    """One part of a report: a title, an HTML body and an optional plain-text reading."""
+    """One part of a report: a title, an HTML body and an optional plain-text reading (one string, or one
+    paragraph per task); ``anchor``: an ``id`` for links within the page (``#anchor``)."""
 
     title: str
     body: str
-    reading: str = ""
+    reading: str | Sequence[str] = ""
+    anchor: str = ""
+
+    @property
+    def paragraphs(self) -> list[str]:
+        """The reading as paragraphs (empty ones dropped)."""
+        parts = [self.reading] if isinstance(self.reading, str) else list(self.reading)
+        return [p for p in parts if p]
 
 
 def plotly_js() -> str:
@@ -56,12 +64,19 @@ def attention_html(
 
 
 def table_html(df: Any, *, max_rows: int = 40, float_format: str = "{:.3f}") -> str:
-    """A pandas DataFrame as a plain styled HTML table (first ``max_rows`` rows)."""
-    return str(
-        df.head(max_rows).to_html(
-            classes="icl-table", border=0, float_format=lambda x: float_format.format(x), na_rep="—"
-        )
+    """A pandas DataFrame as an HTML table that scrolls inside its own box: no index column (a named or
+    non-default index becomes a column), the first ``max_rows`` rows, and a note with the true row count when
+    rows were left out."""
+    import pandas as pd
+
+    if not isinstance(df.index, pd.RangeIndex) or any(df.index.names):
+        df = df.reset_index()
+    table = df.head(max_rows).to_html(
+        classes="icl-table", border=0, index=False, float_format=lambda x: float_format.format(x), na_rep="—"
     )
+    note = f'<p class="note">The first {max_rows} of {len(df)} rows.</p>' if len(df) > max_rows else ""
+    return f'<div class="table-wrap">{table}</div>{note}'
+
 
 
 _CSS = """
@@ -69,9 +84,11 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
 color:#222;padding:0 1rem}
 h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;
 margin-top:2rem}
-.reading{background:#f6f8fa;border-left:4px solid #4c78a8;padding:.6rem .9rem;margin:.6rem 0}
+.reading{background:#f6f8fa;border-left:4px solid #4c78a8;padding:.1rem .9rem;margin:.6rem 0}
 table.icl-table{border-collapse:collapse;font-size:.85rem}table.icl-table td,table.icl-table th{padding:.2rem .6rem;
 border-bottom:1px solid #eee;text-align:right}
+.table-wrap{max-width:100%;max-height:32rem;overflow:auto;border:1px solid #eee}
+.note{font-size:.8rem;color:#555;margin:.2rem 0}
 details{margin-top:1.5rem;font-size:.8rem;color:#555}pre{white-space:pre-wrap}
 """
 
@@ -88,9 +105,11 @@ def render_page(title: str, sections: Sequence[Section], provenance: dict[str, A
         f"<h1>{html.escape(title)}</h1>",
     ]
     for s in sections:
-        parts.append(f"<section><h2>{html.escape(s.title)}</h2>")
-        if s.reading:
-            parts.append(f'<div class="reading">{html.escape(s.reading)}</div>')
+        anchor = f' id="{html.escape(s.anchor)}"' if s.anchor else ""
+        parts.append(f"<section{anchor}><h2>{html.escape(s.title)}</h2>")
+        if s.paragraphs:
+            text = "".join(f"<p>{html.escape(p)}</p>" for p in s.paragraphs)
+            parts.append(f'<div class="reading">{text}</div>')
         parts.append(s.body)
         parts.append("</section>")
     if provenance is not None:

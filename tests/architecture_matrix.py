@@ -34,12 +34,14 @@ class Batch:
 
 def make_batch(model: Any, n: int = 4, shots: int = 3, seed: int = 0) -> Batch:
     """``n`` clean/corrupted ``fixture-bound`` pairs (shuffled labels) and the clean prompts' roles."""
+    from icl_circuits.models import bos_offset
     from icl_circuits.tasks.pairs import patching_batch
     from icl_circuits.tasks.registry import get_task
     from icl_circuits.tasks.roles import roles_from_tokens
 
     b = patching_batch(model, get_task("fixture-bound", model), shots, n, seed)
-    roles = roles_from_tokens(b.clean_tokens, arrow_id=3, sep_id=4, last_positions=b.last_positions)
+    roles = roles_from_tokens(b.clean_tokens, arrow_id=3, sep_id=4, last_positions=b.last_positions,
+                             prefix_len=bos_offset(model))
     return Batch(b.clean_tokens, b.corrupted_tokens, b.answer_tokens, b.contrast_tokens, b.last_positions, roles)
 
 
@@ -121,18 +123,19 @@ def cell_scoring(model: Any, b: Batch) -> Pair:
 
 def cell_head_scores(model: Any, b: Batch) -> Pair:
     from icl_circuits.heads.scores import attention_scores, repeated_random_tokens
+    from icl_circuits.models import bos_offset
 
     g = torch.Generator().manual_seed(0)
-    seq = 6
+    seq, o = 6, bos_offset(model)  # o = 1 with a BOS at position 0, else 0
     tokens = repeated_random_tokens(model, 2, seq, g)
     prefix = repeated_random_tokens(model, 2, seq, g, repeats=3)
     ours, _ = attention_scores(model, tokens, seq, prefix, 3)
     cache = _cache(model, tokens, lambda n: n.endswith("hook_pattern"))
     ref = []
     for l in range(model.cfg.n_layers):
-        p = cache[f"blocks.{l}.attn.hook_pattern"].float()  # [batch, head, q, k]; query 1+seq+i attends to 1+i+1
+        p = cache[f"blocks.{l}.attn.hook_pattern"].float()  # [batch, head, q, k]; query o+seq+i attends to o+i+1
         idx = torch.arange(seq)
-        ref.append(p[:, :, 1 + seq + idx, 2 + idx].mean((0, 2)) if seq > 1 else p[:, :, 0, 0] * 0)
+        ref.append(p[:, :, o + seq + idx, o + 1 + idx].mean((0, 2)) if seq > 1 else p[:, :, 0, 0] * 0)
     return ours["induction"][:, :], torch.stack(ref).cpu()
 
 
@@ -274,7 +277,7 @@ def cell_function_vectors(model: Any, b: Batch) -> Pair:
     from icl_circuits.tasks.registry import get_task
 
     task = get_task("fixture-bound", model)
-    fv = function_vector_heads(model, [task], n_shots=3, n=4, seed=0)
+    fv = function_vector_heads(model, [task], shots=3, n=4, seed=0)
     pb = patching_batch(model, task, 3, 4, 0)
     rows, last = torch.arange(4), pb.last_positions
     zc = _cache(model, pb.clean_tokens, lambda n: n.endswith("hook_z"))
@@ -322,6 +325,7 @@ def cell_fast_weight_read(model: Any, b: Batch) -> Pair:
     """One prompt's softmax memory read by its own query (before rotation) = the heads' demo part
     ``sum_{s in D} A[q, s] v_s`` of a direct forward (``hook_pattern``, ``hook_v``)."""
     from icl_circuits.fast_weights.transplant import demo_memory, memory_read
+    from icl_circuits.models import bos_offset
     from icl_circuits.models.attention import pre_rotary
     from icl_circuits.tasks.roles import roles_from_tokens
 
@@ -329,7 +333,8 @@ def cell_fast_weight_read(model: Any, b: Batch) -> Pair:
     n_heads, ours, ref = model.cfg.n_heads, [], []
     for p in range(b.clean.shape[0]):
         tok, last = b.clean[p : p + 1], b.last[p : p + 1]
-        mem = demo_memory(model, tok, roles_from_tokens(tok, arrow_id=3, sep_id=4, last_positions=last))
+        roles = roles_from_tokens(tok, arrow_id=3, sep_id=4, last_positions=last, prefix_len=bos_offset(model))
+        mem = demo_memory(model, tok, roles)
         demo = (b.roles.demo_index[p] >= 0).float()
         for l in range(model.cfg.n_layers):
             ours.append(memory_read(mem, l, pre_rotary(cache, l, "q")[p, last]).reshape(n_heads, -1))

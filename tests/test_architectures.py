@@ -107,7 +107,7 @@ def test_attribute_job_on_grouped_query_models_uses_kv_heads_for_k_and_v(models)
     from icl_circuits.tasks.registry import get_task
 
     model, _ = models("llama")
-    att = attribute(model, get_task("fixture-bound", model), n_shots=2, n=4, method="all", positions=True,
+    att = attribute(model, get_task("fixture-bound", model), shots=2, n=4, method="all", positions=True,
                     progress=False)  # fmt: skip
     assert att.path_receiver is not None and set(att.paths) == {"q", "k", "v"}
     l_r, _ = att.path_receiver

@@ -369,3 +369,38 @@ def test_importing_the_package_makes_openmp_wait_passively_unless_set(monkeypatc
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     importlib.reload(icl_circuits)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.real_model
+def test_evaluate_in_process_on_the_loaded_real_model(smollm2, tmp_path, capsys):
+    """``main(argv, model=...)`` runs on the loaded model (no reload), with the language-model default n."""
+    from icl_circuits.tasks.defaults import DEFAULTS
+
+    argv = ["evaluate", "--model", "smollm2-135m", "--task", "arbitrary-word-symbol", "--shots", "0,1", "--out",
+            str(tmp_path)]  # fmt: skip
+    assert main(argv, model=smollm2) == 0
+    data = json.loads((tmp_path / "evaluation.json").read_text())
+    assert data["provenance"]["args"]["n"] == DEFAULTS["language"]["evaluate"]["n"]
+    assert [r["shots"] for r in data["rows"]] == [0, 1] and "done in" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the training lab's commands (train, dynamics)
+
+
+@pytest.mark.parametrize("argv, must_name", [
+    (["train", "--out", "{tmp}/run"], "give --config"),
+    (["train", "--config", "{tmp}/missing.toml", "--out", "{tmp}/run"], "missing.toml"),
+    (["train", "--config", "{tmp}/bad.toml", "--out", "{tmp}/run"], "did you mean 'steps'"),
+    (["train", "--config", "analyses/lab/phase_change.toml", "--out", "{tmp}/taken.txt"], "taken.txt"),
+    (["train", "--config", "analyses/lab/phase_change.toml", "--out", "{tmp}/run", "--seed", "-1"], "'-1'"),
+    (["train", "--resume", "--out", "{tmp}/run"], "not a training run"),
+    (["dynamics", "{tmp}/nothing"], "not a training run"),
+])  # fmt: skip
+def test_lab_commands_refuse_bad_input_in_one_line(argv, must_name, tmp_path, capsys, no_model_load):
+    (tmp_path / "taken.txt").write_text("keep")
+    (tmp_path / "bad.toml").write_text("stesp = 3\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and must_name in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -91,15 +91,17 @@ def save_analysis(
     result: Analysis, model: Any, out_dir: str | os.PathLike[str], *, seed: int, **args: Any
 ) -> tuple[Path, Path]:
     """Write ``out_dir/NAME.json`` (results + provenance) and the offline report ``out_dir/NAME.html``
-    (``NAME`` with underscores); a result made of parts (``record-vs-circuit``) also writes each part's, and
-    its Markdown summary table as ``NAME.md``."""
+    (``NAME`` with underscores); a result made of parts (``record-vs-circuit``) also writes each part's JSON
+    (its page holds every part's sections, so plotly.js is inlined once, not once per part), and its Markdown
+    summary table as ``NAME.md``."""
     from icl_circuits.io import atomic_write_json, atomic_write_text, provenance
     from icl_circuits.report import write_report
 
-    for part in getattr(result, "parts", ()):
-        save_analysis(part, model, out_dir, seed=seed, **args)
-    prov = provenance(model, seed, analysis=result.name, **args)
     out = Path(out_dir)
+    for part in getattr(result, "parts", ()):
+        part_prov = provenance(model, seed, analysis=part.name, **args)
+        atomic_write_json(out / f"{part.name.replace('-', '_')}.json", {**part.to_dict(), "provenance": part_prov})
+    prov = provenance(model, seed, analysis=result.name, **args)
     stem = result.name.replace("-", "_")
     json_path = atomic_write_json(out / f"{stem}.json", {**result.to_dict(), "provenance": prov})
     html_path = write_report(out / f"{stem}.html", f"{result.title}: {result.model}", result.sections(), prov)
@@ -115,10 +117,17 @@ def run_from_args(name: str, args: argparse.Namespace) -> int:
     from icl_circuits.models import load_model
 
     spec = get_analysis(name)
-    model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    given = getattr(args, "loaded_model", None)  # icl_circuits.cli.main(..., model=...)
+    if given is None:
+        bos = str(getattr(args, "bos", "auto"))
+        given = load_model(args.model, tokenizer=args.tokenizer, device=args.device, prepend_bos=bos)
+    model = given
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = spec.run(model, seed=args.seed, n=args.n, tasks=tasks, progress=True)
     print(result.findings()["reading"])
+    for part in (result, *getattr(result, "parts", ())):
+        for what in getattr(part, "skipped", ()):
+            print(f"skipped ({part.name}): {what}")
     paths = save_analysis(result, model, args.out, seed=args.seed, model_spec=args.model, tokenizer=args.tokenizer,
                           n=args.n, tasks=tasks)  # fmt: skip
     print(f"wrote {paths[0]} and {paths[1]}")

@@ -25,7 +25,8 @@ import torch
 
 from icl_circuits.errors import InputError, TaskError, TokenizationError
 from icl_circuits.report import Section, table_html
-from icl_circuits.tasks import corpus
+from icl_circuits.results import Result
+from icl_circuits.tasks.defaults import uses_corpus_vocab
 from icl_circuits.tasks.scoring import batch_chunks, padded_batch
 
 
@@ -52,8 +53,12 @@ class Analysis(Protocol):
         """The main table (pandas DataFrame)."""
         ...
 
-    def plot(self) -> list[Any]:
-        """plotly Figures; pure (no show, no files)."""
+    def figures(self) -> list[Any]:
+        """The panels, plotly Figures; pure (no show, no files)."""
+        ...
+
+    def plot(self) -> Any:
+        """One plotly Figure: the panels stacked (:func:`icl_circuits.results.combine_figures`)."""
         ...
 
     def sections(self) -> list[Section]:
@@ -67,8 +72,9 @@ class Analysis(Protocol):
     def _repr_html_(self) -> str: ...
 
 
-class AnalysisMixin:
-    """``_repr_html_`` for analysis dataclasses: the title, the readings, then the main table."""
+class AnalysisMixin(Result):
+    """The :class:`~icl_circuits.results.Result` surface for analysis dataclasses; ``_repr_html_``: the title,
+    the readings (one per section), then the main table."""
 
     title: ClassVar[str] = ""
 
@@ -76,24 +82,12 @@ class AnalysisMixin:
         import html
 
         sections: list[Section] = self.sections()  # type: ignore[attr-defined]
-        readings = "".join(f"<p>{html.escape(s.reading)}</p>" for s in sections if s.reading)
+        readings = "".join(f"<p>{html.escape(p)}</p>" for s in sections for p in s.paragraphs)
         df = self.to_dataframe()  # type: ignore[attr-defined]
         return f"<h4>{html.escape(self.title)}</h4>{readings}{table_html(df, max_rows=20)}"
 
 
 # ---------------------------------------------------------------- which tasks a model can run
-
-
-def uses_corpus_vocab(model: Any) -> bool:
-    """True when the model's tokenizer is the fixture corpus's word-level vocabulary (``corpus.TOKEN_ID``)."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None or int(model.cfg.d_vocab) < len(corpus.VOCAB):
-        return False
-    try:
-        ids = tok.convert_tokens_to_ids(list(corpus.VOCAB))
-    except (KeyError, TypeError, ValueError):
-        return False
-    return list(ids) == [corpus.TOKEN_ID[t] for t in corpus.VOCAB]
 
 
 #: Task files tried, in this order, as the defaults for models outside the fixture vocabulary.

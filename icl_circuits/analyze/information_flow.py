@@ -34,11 +34,12 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, pick_tasks, uses_corpus_vocab
+from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, pick_tasks
 from icl_circuits.errors import InputError
 from icl_circuits.heads.scan import token_labels
 from icl_circuits.models import model_info
 from icl_circuits.report import Section, attention_html, figure_html, table_html
+from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
 from icl_circuits.tasks.roles import roles_from_prompts
@@ -140,7 +141,7 @@ class InformationFlow(AnalysisMixin):
 
         return pd.DataFrame(list(self.rows))
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[relative sizes of the three flows by layer, one panel per task; absolute sizes]. Pure."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -185,10 +186,10 @@ class InformationFlow(AnalysisMixin):
         return attention_html(list(self.example_tokens), scaled, names)
 
     def sections(self) -> list[Section]:
-        share, absolute = self.plot()
+        share, absolute = self.figures()
         out = [
             Section("Relative size of the flows by layer", figure_html(share),
-                    " ".join(self._reading(t) for t in self.tasks)),
+                    [self._reading(t) for t in self.tasks]),
             Section("Mean saliency of each flow", figure_html(absolute),
                     "I_l = |sum_h A (.) dL/dA|, L the cross-entropy of the answer at the answer position; label words "
                     "are the demo labels' tokens."),
@@ -226,8 +227,8 @@ def run_information_flow(
     Raises:
         InputError: bad sizes; TaskError: unknown task; TokenizationError: a template whose pieces merge.
     """
-    n = 32 if n is None else n
-    k = (6 if uses_corpus_vocab(model) else 4) if shots is None else shots
+    n = run_default(model, "information-flow", "n", n)
+    k = run_default(model, "information-flow", "shots", shots)
     check_positive(n=n, shots=k)
     rows = []
     example: tuple[tuple[str, ...], torch.Tensor | None] = ((), None)

@@ -33,12 +33,13 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, head_name, pick_tasks, uses_corpus_vocab
+from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, head_name, pick_tasks
 from icl_circuits.models import model_info
 from icl_circuits.patching.ablation import ablated_logits, mean_z
 from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.shapes import all_heads, check_model_heads
 from icl_circuits.tasks import corpus
+from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
 from icl_circuits.tasks.scoring import answer_logits, scores_from_logits
@@ -86,7 +87,7 @@ class LabelBinding(AnalysisMixin):
 
         return pd.DataFrame([{**r, "depends_on_induction_heads": self.depends(r)} for r in self.rows])
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[accuracy per condition: clean, induction heads ablated, control heads ablated]. Pure."""
         import plotly.graph_objects as go
 
@@ -123,7 +124,7 @@ class LabelBinding(AnalysisMixin):
                 + (f"; too close to chance to tell: {', '.join(near)}." if near else "."))  # fmt: skip
 
     def sections(self) -> list[Section]:
-        (fig,) = self.plot()
+        (fig,) = self.figures()
         return [
             Section("Accuracy by task and labels, with the induction heads ablated", figure_html(fig), self.reading()),
             Section("Numbers", table_html(self.to_dataframe(), max_rows=50),
@@ -173,8 +174,8 @@ def run_label_binding(
     Raises:
         InputError: bad sizes or heads; TaskError: unknown task.
     """
-    n = 64 if n is None else n
-    k = (6 if uses_corpus_vocab(model) else 4) if shots is None else shots
+    n = run_default(model, "label-binding", "n", n)
+    k = run_default(model, "label-binding", "shots", shots)
     check_positive(n=n, shots=k)
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k)
     if heads is None:

@@ -54,6 +54,7 @@ from icl_circuits.errors import TaskError
 from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.tasks import corpus
+from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import CheckedTask, check_length, check_task, encode, render_prompt
 from icl_circuits.tasks.registry import FewShot, FixtureTask, Pair, PairTask, Task, get_task
 from icl_circuits.tasks.scoring import answer_logits, label_log_probs
@@ -121,7 +122,7 @@ class OrderSensitivity(AnalysisMixin):
 
         return pd.DataFrame(self.summary())
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[accuracy per demo set and order (raw vs calibrated), head order-sensitivity heatmaps]. Pure."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -165,9 +166,9 @@ class OrderSensitivity(AnalysisMixin):
         )
 
     def sections(self) -> list[Section]:
-        acc, heads = self.plot()
+        acc, heads = self.figures()
         return [
-            Section("Accuracy across demo orders", figure_html(acc), " ".join(self._reading(t) for t in self.tasks)),
+            Section("Accuracy across demo orders", figure_html(acc), [self._reading(t) for t in self.tasks]),
             Section("Spread over orders (means over demo sets)", table_html(self.to_dataframe(), max_rows=100),
                     "range = max - min over the orders of one demo set; sd = standard deviation over those orders."),
             Section("Heads whose attribution moves with order", figure_html(heads),
@@ -311,8 +312,8 @@ def run_order(
         InputError: non-positive sizes; TaskError: unknown task or too many shots;
         PromptTooLongError: prompts longer than the context.
     """
-    n_sets = 8 if n is None else n
-    k = (5 if uses_corpus_vocab(model) else 4) if shots is None else shots
+    n_sets = run_default(model, "order", "n", n)
+    k = run_default(model, "order", "shots", shots)
     check_positive(n=n_sets, n_orders=n_orders, queries=queries, shots=k)
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k + 1)
     rows: list[dict[str, Any]] = []

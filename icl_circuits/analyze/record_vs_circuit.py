@@ -89,21 +89,23 @@ class RecordVsCircuit(AnalysisMixin):
 
         return pd.DataFrame(self.rows())
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """The first figure of each analysis. Pure."""
-        return [p.plot()[0] for p in self.parts]
+        return [p.figures()[0] for p in self.parts]
 
     def sections(self) -> list[Section]:
+        """The summary table, then every section of every part on this one page (one plotly.js bundle for all;
+        the parts' own JSON files are written beside it, their pages are not)."""
         import html
 
         table = self.to_dataframe()[["observation", "measures"]]
-        out = [Section("The observations", table_html(table, max_rows=20),
-                       "One row per observation with its headline numbers; each section below shows the analysis's "
-                       "main figure and its reading, computed from its numbers.")]  # fmt: skip
+        links = " | ".join(f'<a href="#{html.escape(p.name)}">{html.escape(p.name)}</a>' for p in self.parts)
+        out = [Section("The observations", f"<p>Jump to: {links}</p>" + table_html(table, max_rows=len(table)),
+                       "One row per observation with its headline numbers; below, each analysis in full: its "
+                       "figures and its readings, computed from its numbers.")]  # fmt: skip
         for part in self.parts:
-            first = part.sections()[0]
-            link = f'<p>Full report: <code>{html.escape(part.name.replace("-", "_"))}.html</code></p>'
-            out.append(Section(f"{part.name}: {first.title}", first.body + link, first.reading))
+            for i, s in enumerate(part.sections()):
+                out.append(Section(f"{part.name}: {s.title}", s.body, s.reading, anchor=part.name if i == 0 else ""))
         return out
 
     def markdown(self) -> str:

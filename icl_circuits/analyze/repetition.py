@@ -34,6 +34,8 @@ from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.predictions import measure_predictions
 from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
+from icl_circuits.results import series_colors
+from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
 from icl_circuits.tasks.roles import render_examples
@@ -73,25 +75,31 @@ class Repetition(AnalysisMixin):
 
         return pd.DataFrame(list(self.rows))
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[prediction against r, fast-weight magnitudes relative to r = 1]. Pure."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
         pred = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "logit difference"))
         mag = go.Figure()
+        colour = series_colors(self.tasks)
         for task in self.tasks:
             rows = [r for r in self.rows if r["task"] == task]
             x = [r["repeat"] for r in rows]
-            pred.add_trace(go.Scatter(x=x, y=[r["accuracy"] for r in rows], mode="lines+markers", name=task), 1, 1)
+            line = {"color": colour[task]}
+            pred.add_trace(go.Scatter(x=x, y=[r["accuracy"] for r in rows], mode="lines+markers", name=task,
+                                      legendgroup=task, line=line), 1, 1)  # fmt: skip
             pred.add_trace(go.Scatter(x=x, y=[r["logit_diff"] for r in rows], mode="lines+markers", name=task,
-                                      showlegend=False), 1, 2)  # fmt: skip
-            for key, label in (("fw_norm_ratio", "|dW_lin|"), ("demo_norm_ratio", "|c_D|")):
+                                      legendgroup=task, showlegend=False, line=line), 1, 2)  # fmt: skip
+            for key, label, dash in (("fw_norm_ratio", "|dW_lin|", "solid"), ("demo_norm_ratio", "|c_D|", "dash")):
                 pts = [(r["repeat"], r.get(key)) for r in rows if r.get(key) is not None]
                 mag.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                                         name=f"{task} {label}"))  # fmt: skip
+                                         name=f"{task} {label}", line={**line, "dash": dash}))  # fmt: skip
         top = max((r["repeat"] for r in self.rows), default=1)
-        mag.add_trace(go.Scatter(x=[1, top], y=[1, top], mode="lines", line={"dash": "dot"}, name="r-fold"))
+        mag.add_trace(go.Scatter(x=[1, top], y=[1, top], mode="lines", line={"dash": "dot", "color": "#888888"},
+                                 name="r-fold"))  # fmt: skip
+        pred.update_xaxes(title_text="r (times the demo block is written)", dtick=1)
+        mag.update_xaxes(dtick=1)
         pred.update_xaxes(title_text="r (times the demo block is written)")
         pred.update_layout(title=f"The prediction with the demos repeated ({self.shots} demos, n={self.n})")
         mag.update_layout(title="Fast-weight magnitude relative to r = 1 (mean over the chosen heads)",
@@ -112,9 +120,9 @@ class Repetition(AnalysisMixin):
         return text
 
     def sections(self) -> list[Section]:
-        pred, mag = self.plot()
+        pred, mag = self.figures()
         return [
-            Section("The prediction", figure_html(pred), " ".join(self._reading(t) for t in self.tasks)),
+            Section("The prediction", figure_html(pred), [self._reading(t) for t in self.tasks]),
             Section("Fast-weight magnitude", figure_html(mag),
                     "|dW_lin|_F: Frobenius norm of the linear dual form over the demo tokens, mean over the chosen "
                     "heads and prompts; |c_D|: norm of the demos' part of the heads' outputs (summed over heads)."),
@@ -164,8 +172,8 @@ def run_repetition(
     Raises:
         InputError: bad sizes; TaskError: unknown task, fewer than 2 shots for the fast weights.
     """
-    n = 64 if n is None else n
-    k = 4 if shots is None else shots
+    n = run_default(model, "repetition", "n", n)
+    k = run_default(model, "repetition", "shots", shots)
     rs = sorted({int(r) for r in repeats} | {1})
     check_positive(n=n, shots=k, n_heads=n_heads, **{f"repeat_{r}": r for r in rs})
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k)
@@ -194,7 +202,7 @@ def run_repetition(
             chosen = top_demo_heads(model, checked.task, k, n, seed, n_top)
             heads[name] = tuple(chosen)
             done = [row["repeat"] for row in task_rows]
-            pred = measure_predictions(model, checked.task, k, chosen, n_prompts=n, seed=seed, repeats=done,
+            pred = measure_predictions(model, checked.task, k, chosen, n=n, seed=seed, repeats=done,
                                        noise=(0.0,), n_orders=0)  # fmt: skip
             by_r = {p["repeat"]: p for p in pred.repetition}
             base = by_r.get(1)

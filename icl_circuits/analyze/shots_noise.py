@@ -47,9 +47,10 @@ from icl_circuits.analyze.base import (
 from icl_circuits.errors import InputError, PromptTooLongError
 from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
+from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import CheckedTask, build_prompts, check_task, render_prompt
 from icl_circuits.tasks.registry import FewShot, get_task
-from icl_circuits.tasks.scoring import answer_logits, evaluate, label_log_probs, shrink_coefficient
+from icl_circuits.tasks.scoring import answer_logits, at_chance, evaluate, label_log_probs, shrink_coefficient
 
 FIXTURE_TASKS = ("fixture-rule", "fixture-bound")
 FIXTURE_SHOTS = (0, 1, 2, 4, 8, 12)
@@ -96,7 +97,7 @@ class ShotsAndNoise(AnalysisMixin):
 
         return pd.DataFrame(list(self.grid))
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[accuracy vs shots, logit difference vs shots (a line per noise rate, a panel per task),
         shrink vs noise]. Pure."""
         import plotly.graph_objects as go
@@ -146,7 +147,11 @@ class ShotsAndNoise(AnalysisMixin):
             parts = ", ".join(f"{r['flipped']:.0%} flipped: {fmt(r['accuracy'])}" for r in noisy)
             text += f" At {k} shots, clean accuracy {fmt(self.value(task, k, 0.0))}; {parts}."
         sh = [r for r in self.shrink if r["task"] == task and r["flipped"] > 0]
-        if sh:
+        if sh and self.at_chance(task):
+            text += (f" The clean accuracy at {k} shots, {fmt(self.value(task, k, 0.0))}, is at chance "
+                     f"({fmt(self.chance.get(task))}, within 2 standard errors at n = {self.n}): there is no "
+                     "in-context update to shrink, so the shrink coefficient beta is not read.")
+        elif sh:
             moves = ", ".join(f"{fmt(r['beta'])} at {r['flipped']:.0%}" for r in sh)
             last = sh[-1]["beta"]
             where = ("moves back toward the zero-shot prediction" if last is not None and last < 0.9
@@ -157,10 +162,10 @@ class ShotsAndNoise(AnalysisMixin):
     def sections(self) -> list[Section]:
         import pandas as pd
 
-        acc, ld, shrink = self.plot()
+        acc, ld, shrink = self.figures()
         return [
             Section("Accuracy against shots and label noise", figure_html(acc),
-                    " ".join(self._task_reading(t) for t in self.tasks)),
+                    [self._task_reading(t) for t in self.tasks]),
             Section("Logit difference against shots", figure_html(ld),
                     "Logit difference = logit of the answer minus that of the latest other demo label (or the next "
                     "label of the task); it is unchanged by compatibility mode's per-position constant."),
@@ -170,16 +175,24 @@ class ShotsAndNoise(AnalysisMixin):
                     f"Skipped: {'; '.join(self.skipped)}." if self.skipped else ""),
         ]  # fmt: skip
 
-    def _shrink_reading(self) -> str:
+    def at_chance(self, task: str) -> bool:
+        """Is ``task``'s clean accuracy at :attr:`noise_shots` shots no better than chance (:func:`at_chance`)?"""
+        return at_chance(self.value(task, self.noise_shots, 0.0), self.chance.get(task, 0.0), self.n)
+
+    def _shrink_reading(self) -> list[str]:
         out = []
         for task in self.tasks:
+            if self.at_chance(task):
+                out.append(f"{task}: accuracy at chance at {self.noise_shots} shots; beta and the KL divergence "
+                           "are shown but not read (nothing was learnt in context to move back from).")
+                continue
             rows = [r for r in self.shrink if r["task"] == task]
             if len(rows) > 1:
                 out.append(f"{task} at {self.noise_shots} shots: KL(noisy || zero-shot) "
                            f"{change(rows[0]['kl_to_zero_shot'], rows[-1]['kl_to_zero_shot'])} as the flipped "
                            f"fraction goes from {rows[0]['flipped']:.0%} to {rows[-1]['flipped']:.0%}; the answer's "
                            f"label probability {change(rows[0]['answer_prob'], rows[-1]['answer_prob'])}.")  # fmt: skip
-        return " ".join(out)
+        return out
 
     def findings(self) -> dict[str, Any]:
         task = self.tasks[0]
@@ -191,7 +204,8 @@ class ShotsAndNoise(AnalysisMixin):
             "accuracy_max_shots": self.value(task, shots[-1], 0.0),
             "max_shots": shots[-1],
             "accuracy_half_noise": self.value(task, self.noise_shots, 0.5),
-            "beta_half_noise": half[0]["beta"] if half else None,
+            "beta_half_noise": half[0]["beta"] if half and not self.at_chance(task) else None,
+            "at_chance": self.at_chance(task),
             "reading": self._task_reading(task),
         }
 
@@ -246,7 +260,7 @@ def run_shots_and_noise(
     Raises:
         InputError: bad ``n``/``noise``; TaskError: unknown task.
     """
-    n = 64 if n is None else n
+    n = run_default(model, "shots-and-noise", "n", n)
     check_positive(n=n, noise_shots=noise_shots)
     rates = sorted({float(p) for p in noise} | {0.0})
     if any(not 0.0 <= p <= 1.0 for p in rates):

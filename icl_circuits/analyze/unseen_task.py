@@ -3,11 +3,12 @@
 **Tasks.** On the fixture vocabulary: the rule tasks ``fixture-rule-shiftS`` for every trained shift
 ``S`` (``train_shifts`` of the model's ``corpus.json``) are *seen*; shifts up to 8 outside them are
 *unseen* (held out of training; the query is never among the demos, so the demos must reveal the
-shift). For other models: each task (``antonym``, ``country-capital``) is seen and its
-label-substituted variant ``NAME:substituted`` (labels replaced by arbitrary symbols, fresh per
-prompt, the query among the demos) is unseen. Given names are classified the same way
-(``:substituted``, ``fixture-bound-unseen`` and untrained shifts are unseen); when none of them is
-unseen, their substituted variants are added.
+shift). For other models: two task files (``antonym``, ``country-capital``) are seen, and the
+arbitrary-map tasks of :data:`icl_circuits.tasks.registry.UNSEEN_TASKS` (``arbitrary-country-word``,
+``arbitrary-word-symbol``: a random map fixed by a seed, so no pretraining text holds it; the query is
+among the demos) are unseen. Given names are classified the same way (``:substituted``,
+``fixture-bound-unseen``, the arbitrary-map tasks and untrained shifts are unseen); when none of them
+is unseen, their substituted variants are added.
 
 **Accuracy by shots** (:func:`icl_circuits.tasks.scoring.evaluate`, seed ``seed + k`` at ``k`` shots), per
 task and averaged per group.
@@ -48,8 +49,9 @@ from icl_circuits.patching.ablation import LogitDiff, mean_ablation_sweep
 from icl_circuits.patching.atp import pearson
 from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.tasks import corpus
+from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import build_prompts, check_task
-from icl_circuits.tasks.registry import SUBSTITUTED_SUFFIX, corpus_config_for, get_task
+from icl_circuits.tasks.registry import SUBSTITUTED_SUFFIX, UNSEEN_TASKS, corpus_config_for, get_task
 from icl_circuits.tasks.scoring import evaluate, padded_batch
 
 FIXTURE_SHOTS = (0, 1, 2, 4, 8)
@@ -57,8 +59,9 @@ GROUPS = ("seen", "unseen")
 
 
 def classify(name: str, cfg: corpus.CorpusConfig) -> str:
-    """``"unseen"`` for substituted tasks, ``fixture-bound-unseen`` and shifts outside ``cfg.train_shifts``."""
-    if name.endswith(SUBSTITUTED_SUFFIX) or name == "fixture-bound-unseen":
+    """``"unseen"`` for substituted tasks, ``fixture-bound-unseen``, the arbitrary-map tasks
+    (:data:`~icl_circuits.tasks.registry.UNSEEN_TASKS`) and shifts outside ``cfg.train_shifts``."""
+    if name.endswith(SUBSTITUTED_SUFFIX) or name == "fixture-bound-unseen" or name in UNSEEN_TASKS:
         return "unseen"
     if name.startswith("fixture-rule-shift") and name[len("fixture-rule-shift") :].isdigit():
         return "seen" if int(name[len("fixture-rule-shift") :]) in cfg.train_shifts else "unseen"
@@ -66,12 +69,12 @@ def classify(name: str, cfg: corpus.CorpusConfig) -> str:
 
 
 def default_tasks(model: Any) -> list[str]:
-    """Trained and held-out shifts (fixture vocabulary) or tasks and their substituted variants."""
+    """Trained and held-out shifts (fixture vocabulary), else two task files and the arbitrary-map tasks."""
     if uses_corpus_vocab(model):
         cfg = corpus_config_for(model)
         held = [s for s in range(1, 9) if s not in cfg.train_shifts]
         return [f"fixture-rule-shift{s}" for s in (*cfg.train_shifts, *held)]
-    return [t for name in pick_tasks(model, None, (), min_shots=2) for t in (name, name + SUBSTITUTED_SUFFIX)]
+    return [*pick_tasks(model, None, (), min_shots=2), *UNSEEN_TASKS]
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ class UnseenTask(AnalysisMixin):
 
         return pd.DataFrame(list(self.rows))
 
-    def plot(self) -> list[Any]:
+    def figures(self) -> list[Any]:
         """[accuracy by shots per task (seen solid, unseen dashed), head-ablation heatmaps per group]. Pure."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -169,7 +172,7 @@ class UnseenTask(AnalysisMixin):
         return text
 
     def sections(self) -> list[Section]:
-        acc, heads = self.plot()
+        acc, heads = self.figures()
         return [
             Section("Accuracy by shots", figure_html(acc), self.reading()),
             Section("Heads responsible (single-head mean ablation)", figure_html(heads),
@@ -210,7 +213,7 @@ def run_unseen_task(
     Raises:
         InputError: bad sizes or an empty task list; TaskError: unknown task.
     """
-    n = 48 if n is None else n
+    n = run_default(model, "unseen-task", "n", n)
     check_positive(n=n, head_shots=head_shots)
     names = list(tasks) if tasks is not None else default_tasks(model)
     if not names:

@@ -32,6 +32,7 @@ import torch
 
 from icl_circuits.errors import InputError
 from icl_circuits.patching.resume import answer_direction
+from icl_circuits.results import Result
 from icl_circuits.shapes import check_heads
 from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles
 
@@ -39,7 +40,7 @@ KINDS = ("dla", "norm")
 
 
 @dataclass(frozen=True)
-class DemoAttribution:
+class DemoAttribution(Result):
     """Per source position contributions of ``heads`` at each prompt's answer position.
 
     ``dla``/``norm [head, batch, pos]`` (0 at padding and after the answer position), ``roles`` of
@@ -52,6 +53,8 @@ class DemoAttribution:
     norm: torch.Tensor
     head_dla: torch.Tensor
     roles: PromptRoles
+
+    title = "Per-demo attribution"
 
     def _values(self, kind: str) -> torch.Tensor:
         if kind not in KINDS:

@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 from icl_circuits.errors import InputError
 from icl_circuits.patching.atp import spearman
 from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations, unembed
+from icl_circuits.results import Result, renamed_kwargs
 from icl_circuits.shapes import Head, check_heads
-from icl_circuits.tasks.registry import Task
+from icl_circuits.tasks.registry import Task, get_task
 
 
 def _label(head: Head) -> str:
@@ -52,7 +53,7 @@ def _label(head: Head) -> str:
 
 
 @dataclass(frozen=True)
-class FunctionVectorHeads:
+class FunctionVectorHeads(Result):
     """Causal indirect effects of every head, per task and prompt, with the clean mean outputs.
 
     ``cie_per_prompt [task, layer, head, prompt]``: ``P_patched(answer) - P_corrupted(answer)``;
@@ -67,6 +68,8 @@ class FunctionVectorHeads:
     mean_z: torch.Tensor
     n_shots: int
     seed: int
+
+    title = "Function-vector heads"
 
     @property
     def cie(self) -> torch.Tensor:
@@ -124,7 +127,8 @@ class FunctionVectorHeads:
 
         z = self.aie.detach().float()
         bound = float(z.abs().max()) or 1.0
-        fig = go.Figure(go.Heatmap(z=z.numpy(), y=[f"L{l}" for l in range(self.n_layers)], colorscale="RdBu",
+        fig = go.Figure(go.Heatmap(z=z.numpy(), y=[f"L{l}" for l in range(self.n_layers)],
+                                   x=[f"H{h}" for h in range(self.n_heads)], colorscale="RdBu",
                                    zmid=0.0, zmin=-bound, zmax=bound, colorbar={"title": "AIE"}))  # fmt: skip
         fig.update_layout(
             title=f"Average indirect effect of each head's mean output (shuffled-label prompts, {self.n_shots} shots, "
@@ -275,11 +279,12 @@ def head_mean_patch(
     return out, p_base
 
 
+@renamed_kwargs(n_shots="shots")
 def function_vector_heads(
     model: Any,
-    tasks: Sequence[Task],
+    tasks: Sequence[str | Task],
     *,
-    n_shots: int = 8,
+    shots: int = 8,
     n: int = 25,
     seed: int = 0,
     max_rows: int = 256,
@@ -288,13 +293,13 @@ def function_vector_heads(
 ) -> FunctionVectorHeads:
     """Todd et al.'s causal indirect effect of every head on every task; see the module docstring.
 
-    Per task, ``n`` clean prompts with ``n_shots`` demos and their shuffled-label versions come from
-    :func:`icl_circuits.tasks.pairs.patching_batch` (``seed``); ``mean_z`` is taken at each clean prompt's last
-    position and patched at the corrupted prompt's last position.
+    Per task (a name or a :class:`Task`), ``n`` clean prompts with ``shots`` demos and their shuffled-label
+    versions come from :func:`icl_circuits.tasks.pairs.patching_batch` (``seed``); ``mean_z`` is taken at each
+    clean prompt's last position and patched at the corrupted prompt's last position.
 
     Raises:
         InputError: no tasks, a model in training mode, or a model whose blocks cannot be resumed.
-        TaskError, TokenizationError: from building the prompts (e.g. ``n_shots < 2``).
+        TaskError, TokenizationError: from building the prompts (e.g. ``shots < 2``).
     """
     from icl_circuits.tasks.pairs import patching_batch
 
@@ -302,7 +307,7 @@ def function_vector_heads(
         raise InputError("tasks is empty: give at least one task")
     names, cie, p_clean, p_corrupted, means = [], [], [], [], []
     for task in tqdm(tasks, desc="function-vector tasks", unit="task", disable=not progress):
-        pairs = patching_batch(model, task, n_shots, n, seed, corruption="shuffled_labels")
+        pairs = patching_batch(model, get_task(task, model), shots, n, seed, corruption="shuffled_labels")
         _check_batch(model, pairs.clean_tokens, pairs.answer_tokens, pairs.last_positions)
         with fused_activations(model, fast_activations):
             clean = _capture(model, pairs.clean_tokens, pairs.answer_tokens, pairs.last_positions)
@@ -323,6 +328,6 @@ def function_vector_heads(
         p_clean=torch.stack(p_clean).float().cpu(),
         p_corrupted=torch.stack(p_corrupted).float().cpu(),
         mean_z=torch.stack(means),
-        n_shots=n_shots,
+        n_shots=shots,
         seed=seed,
     )

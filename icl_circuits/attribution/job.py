@@ -32,8 +32,9 @@ from icl_circuits.attribution.demos import DemoAttribution, demo_attribution
 from icl_circuits.errors import InputError
 from icl_circuits.patching.atp import AtPResult, attribution_patch
 from icl_circuits.patching.exact import Direction, PatchEffects, activation_patch
+from icl_circuits.results import Result, renamed_kwargs
 from icl_circuits.tasks.pairs import PatchingBatch, patching_batch
-from icl_circuits.tasks.registry import Task
+from icl_circuits.tasks.registry import Task, get_task
 from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles
 
 METHODS = ("patching", "atp", "atp*")
@@ -52,7 +53,7 @@ def _head_effects(method: str, exact: PatchEffects | None, atp: AtPResult | None
 
 
 @dataclass(frozen=True)
-class Attribution:
+class Attribution(Result):
     """Everything :func:`attribute` measured on one clean/corrupted batch of a task."""
 
     model: str
@@ -119,9 +120,20 @@ class Attribution:
         key = f"{self.primary}_effect"
         return out.reindex(out[key].abs().sort_values(ascending=False).index).reset_index(drop=True)
 
-    def plot(self) -> Any:
-        """The primary method's layer x head heatmap."""
-        return self.heads[self.primary].plot()
+    title = "Attribution"
+
+    def figures(self) -> list[Any]:
+        """Each method's layer x head heatmap, then the residual stream layer x position and the per-demo view."""
+        figs = [eff.plot() for eff in self.heads.values()]
+        figs += [self.positions.plot()] if self.positions is not None else []
+        return figs + ([self.demos.plot()] if self.demos is not None else [])
+
+    def findings(self) -> dict[str, Any]:
+        """The clean and corrupted logit difference, the top heads and :meth:`summary` as the reading."""
+        eff = self.heads[self.primary]
+        return {"clean_logit_diff": float(eff.clean_logit_diff.mean()),
+                "corrupted_logit_diff": float(eff.corrupted_logit_diff.mean()),
+                "top_heads": ", ".join(f"L{l}H{h}" for l, h in self.top_heads(4)), "reading": self.summary()}
 
     def summary(self) -> str:
         clean, corrupted = self.heads[self.primary].clean_logit_diff, self.heads[self.primary].corrupted_logit_diff
@@ -144,7 +156,7 @@ class Attribution:
         return [{"layer": int(r.layer), "head": int(r.head), "effect": float(r.effect), "ci_low": float(r.ci_low),
                  "ci_high": float(r.ci_high)} for r in df.itertuples()]  # fmt: skip
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The ``attribution.json`` document (token ids included, so every number can be recomputed)."""
         b, primary = self.batch, self.heads[self.primary]
         method = self.primary if len(self.heads) == 1 else "all"
@@ -195,11 +207,12 @@ class Attribution:
 # ---------------------------------------------------------------------------- the job
 
 
+@renamed_kwargs(n_shots="shots")
 def attribute(
     model: Any,
-    task: Task,
+    task: str | Task,
     *,
-    n_shots: int = 8,
+    shots: int = 8,
     n: int = 32,
     method: str = "all",
     corruption: str = "shuffled_labels",
@@ -211,7 +224,8 @@ def attribute(
     function_vectors: bool = False,
     progress: bool = True,
 ) -> Attribution:
-    """Run the attribution methods on ``n`` clean/corrupted pairs of ``task`` (see the module docstring).
+    """Run the attribution methods on ``n`` clean/corrupted pairs of ``task`` (a name or a
+    :class:`~icl_circuits.tasks.registry.Task`) with ``shots`` demos each (see the module docstring).
 
     Args:
         method: ``patching`` (exact), ``atp``, ``atp*`` or ``all`` (the three, plus their correlations).
@@ -232,7 +246,8 @@ def attribute(
     if n < 2:
         raise InputError(f"need n >= 2 prompt pairs (bootstrap intervals), got {n}")
     wanted = METHODS if method == "all" else (method,)
-    batch = patching_batch(model, task, n_shots, n, seed, corruption=corruption)
+    task = get_task(task, model)
+    batch = patching_batch(model, task, shots, n, seed, corruption=corruption)
     args = (model, batch.clean_tokens, batch.corrupted_tokens, batch.answer_tokens, batch.contrast_tokens)
     kw: dict[str, Any] = {"direction": direction, "answer_positions": batch.last_positions}
     exact = activation_patch(*args, "z", progress=progress, **kw) if "patching" in wanted else None
@@ -268,7 +283,7 @@ def attribute(
         notes.extend(f"AtP: {n}" for n in atp.notes)
     scan = scan_heads(model, ablation=False, progress=False, seed=seed)
     att = Attribution(
-        model=model_info(model).spec, task=batch.task, n_shots=n_shots, corruption=corruption, direction=direction,
+        model=model_info(model).spec, task=batch.task, n_shots=shots, corruption=corruption, direction=direction,
         seed=seed, batch=batch, roles=roles, token_strs=tuple(token_labels(model, batch.clean_tokens[0])),
         heads=heads, correlations=correlations, positions=pos, demos=None,
         induction_scores=scan.scores["induction"], induction_heads=tuple(scan.induction_heads), notes=tuple(notes),
@@ -290,7 +305,7 @@ def attribute(
     if function_vectors:
         from icl_circuits.attribution.function_vectors import function_vector_heads
 
-        extra["function_vectors"] = function_vector_heads(model, [task], n_shots=n_shots, n=n, seed=seed)
+        extra["function_vectors"] = function_vector_heads(model, [task], shots=shots, n=n, seed=seed)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return replace(att, **extra)
@@ -328,13 +343,14 @@ def _roles(model: Any, batch: PatchingBatch, template: Any) -> tuple[PromptRoles
     """Token roles of the clean prompts and ``""``, or ``(None, why)`` when the template's arrow or separator
     is not one token in running text (then no per-demo grouping)."""
     from icl_circuits.errors import TokenizationError
+    from icl_circuits.models import bos_offset
     from icl_circuits.tasks.prompts import continuation_ids, encode
     from icl_circuits.tasks.roles import roles_from_tokens
 
     try:
         arrow = continuation_ids(model, "x", template.io_sep.rstrip())
         sep = continuation_ids(model, "x", template.demo_sep)
-        prefix_len = len(encode(model, template.prefix)) if template.prefix else 1
+        prefix_len = len(encode(model, template.prefix)) if template.prefix else bos_offset(model)
         if len(arrow) != 1 or len(sep) != 1:
             return None, f"the arrow ({len(arrow)} tokens) or the separator ({len(sep)} tokens) is not one token"
         return roles_from_tokens(batch.clean_tokens, arrow_id=arrow[0], sep_id=sep[0],
@@ -361,10 +377,12 @@ def attribution_sections(att: Attribution, model: Any) -> list[Any]:
     reading = f"{att.summary()}. Head-scan induction heads: {scanned}; among the top {ov['k']} heads: {found}."
     sections.append(Section("Summary", f"<p>Clean: <code>{ex}</code><br>Corrupted: <code>{cor}</code></p>"
                             f"<p>Metric: {html.escape(METRIC)}.</p>", reading))  # fmt: skip
+    if att.notes:  # what was skipped or is unreliable: on the page, not only in the JSON and the warnings
+        sections.append(Section("Skipped or unreliable", "", list(att.notes)))
     figs = "".join(figure_html(eff.plot()) for eff in att.heads.values())
     corr = ""
     if att.correlations:
-        corr = table_html(pd.DataFrame(att.correlations).T)
+        corr = table_html(pd.DataFrame(att.correlations).T.rename_axis("estimator vs exact patching"))
     note = "AtP* is an unsigned magnitude: compare it with |exact effect|." if "atp*" in att.heads else ""
     sections.append(Section("Heads: layer x head", figs + corr, note))
     sections.append(Section("Heads ranked", table_html(att.to_dataframe(), max_rows=20)))
@@ -372,7 +390,7 @@ def attribution_sections(att: Attribution, model: Any) -> list[Any]:
         fig = att.positions.plot()
         labels = (position_labels(att.roles, att.token_strs) if att.roles is not None
                   else [f"{i}:{t}" for i, t in enumerate(att.token_strs)])  # fmt: skip
-        fig.update_xaxes(tickmode="array", tickvals=list(range(len(att.token_strs))), ticktext=labels)
+        fig.update_traces(x=labels)  # a category axis: one labelled column per position
         sections.append(Section("Residual stream: layer x position", figure_html(fig),
                                 "Denoising one position of the residual stream entering a layer: where the "
                                 "task information sits, layer by layer (every prompt has the same role at each "
@@ -420,7 +438,7 @@ def write_attribution(att: Attribution, model: Any, out_dir: str | Path, prov: d
     from icl_circuits.report import write_report
 
     out = Path(out_dir)
-    doc = att.to_json_dict()
+    doc = att.to_dict()
     doc["provenance"] = prov
     json_path = atomic_write_json(out / "attribution.json", doc)
     html_path = write_report(out / "attribution.html", f"Attribution: {att.task} on {att.model}",

@@ -61,6 +61,7 @@ import torch
 
 from icl_circuits.errors import ICLCircuitsError, InputError
 from icl_circuits.models import attention
+from icl_circuits.results import PALETTE, Result, series_colors
 from icl_circuits.shapes import Head, all_heads, check_model_heads, expand_kv
 from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles, roles_from_prompts, roles_from_tokens
 
@@ -316,7 +317,7 @@ def task_vector(dec: Decomposition, heads: Sequence[Head] | None = None) -> torc
 
 
 @dataclass(frozen=True)
-class FastWeights:
+class FastWeights(Result):
     """Per-head fast-weight measures over a batch of prompts (means over prompts).
 
     ``rows``: one dict per head (see :meth:`to_dataframe`); ``role_shares [head, role]`` and
@@ -339,11 +340,18 @@ class FastWeights:
     n_prompts: int
     max_sum_error: float
 
+    title = "Fast weights by head"
+
     def to_dataframe(self) -> Any:  # pandas.DataFrame
         import pandas as pd
 
         df = pd.DataFrame([{k: v for k, v in r.items() if k != "singular_values"} for r in self.rows])
         return df.assign(top_tokens=[" ".join(t) for t in self.top_tokens])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fast-weight part of ``fast_weights.json``: settings and one entry per head (:meth:`head_dicts`)."""
+        return {"model": self.model, "task": self.task, "shots": self.shots, "n_prompts": self.n_prompts,
+                "sum_check_max_abs_error": self.max_sum_error, "heads": self.head_dicts()}  # fmt: skip
 
     def head_dicts(self) -> list[dict[str, Any]]:
         """The JSON ``heads`` entries (layer, head, effective_rank, singular_values, reconstruction_cosine, ...)."""
@@ -354,25 +362,29 @@ class FastWeights:
         order = sorted(range(len(self.rows)), key=lambda i: -float(self.rows[i][key]))
         return [self.heads[i] for i in order[:n]]
 
-    def plot(self, max_heads: int = 8) -> list[Any]:  # list[plotly Figure]
+    def figures(self, max_heads: int = 8) -> list[Any]:  # list[plotly Figure]
         """[singular spectra of dW_lin, role shares, per-demo contributions] for the ``max_heads``
         heads with the largest demo answer logit. Pure: returns the figures."""
         import plotly.graph_objects as go
 
         chosen = [self.heads.index(h) for h in self.best(max_heads)]
         names = [f"L{self.heads[i][0]}H{self.heads[i][1]}" for i in chosen]
+        colour = series_colors(names)
         spec = go.Figure()
         for i, name in zip(chosen, names):
             s = self.spectra[i].tolist()
-            spec.add_trace(go.Scatter(x=list(range(1, len(s) + 1)), y=s, mode="lines+markers", name=name))
+            spec.add_trace(go.Scatter(x=list(range(1, len(s) + 1)), y=s, mode="lines+markers", name=name,
+                                      line={"color": colour[name]}))  # fmt: skip
         spec.update_layout(title=f"Singular values of dW_lin (mean over {self.n_prompts} prompts, {self.shots} shots)",
                            xaxis_title="index", yaxis_title="singular value", yaxis_type="log")  # fmt: skip
-        roles = go.Figure([go.Bar(name=r, x=names, y=self.role_shares[chosen, j].tolist())
+        roles = go.Figure([go.Bar(name=r, x=names, y=self.role_shares[chosen, j].tolist(),
+                                  marker_color=PALETTE[-1 - j % len(PALETTE)])
                            for j, r in enumerate(ROLE_NAMES)])  # fmt: skip
         roles.update_layout(barmode="relative", title="Share of the head output by source role (sums to 1)",
                             yaxis_title="<c_role, o> / |o|^2")  # fmt: skip
-        demos = go.Figure([go.Bar(name=n, x=[f"demo {d}" for d in range(self.demo_dla.shape[1])],
-                                  y=self.demo_dla[i].tolist()) for i, n in zip(chosen, names)])  # fmt: skip
+        demos = go.Figure([go.Bar(name=n, x=[f"demo {d + 1}" for d in range(self.demo_dla.shape[1])],
+                                  y=self.demo_dla[i].tolist(), marker_color=colour[n])
+                           for i, n in zip(chosen, names)])  # fmt: skip
         demos.update_layout(barmode="group", title="Answer logit (logit lens) of each demo's contribution",
                             yaxis_title="logit of the answer" + (" - contrast" if self._contrast else ""))  # fmt: skip
         return [spec, roles, demos]

@@ -1,6 +1,6 @@
 """The ``icl-circuits fast-weights`` job: decomposition, transplant and predictions on one task, as JSON + HTML.
 
-``run_fast_weights(model, task, shots)`` draws ``n_prompts`` prompts of the task (seeded), decomposes
+``run_fast_weights(model, task, shots)`` draws ``n`` prompts of the task (seeded), decomposes
 every head (or the given heads) with :mod:`icl_circuits.fast_weights.decompose`, picks the ``n_top`` heads
 whose demo part gives the answer the largest logit-lens logit (``heads="auto"``), then runs the
 transplant test (:mod:`icl_circuits.fast_weights.transplant`; only for tasks with a fixed input -> output map) and
@@ -32,11 +32,13 @@ from icl_circuits.errors import TaskError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.predictions import Predictions, measure_predictions
 from icl_circuits.fast_weights.transplant import TransplantResult, transplant_test
+from icl_circuits.results import Result, renamed_kwargs
+from icl_circuits.tasks.registry import Task
 from icl_circuits.tasks.roles import render_examples
 
 
 @dataclass(frozen=True)
-class FastWeightsRun:
+class FastWeightsRun(Result):
     """Everything one ``fast-weights`` run measured."""
 
     fast_weights: fw.FastWeights
@@ -45,6 +47,8 @@ class FastWeightsRun:
     transplant_skipped: str | None
     predictions: Predictions | None
     settings: dict[str, Any]
+
+    title = "Fast weights"
 
     def to_dict(self) -> dict[str, Any]:
         f = self.fast_weights
@@ -62,14 +66,20 @@ class FastWeightsRun:
     def to_dataframe(self) -> Any:  # pandas.DataFrame
         return self.fast_weights.to_dataframe()
 
-    def plot(self) -> list[Any]:  # list[plotly Figure]
-        figs = list(self.fast_weights.plot())
-        figs += self.transplant.plot() if self.transplant is not None else []
-        figs += self.predictions.plot() if self.predictions is not None else []
+    def figures(self) -> list[Any]:  # list[plotly Figure]
+        figs = list(self.fast_weights.figures())
+        figs += self.transplant.figures() if self.transplant is not None else []
+        figs += self.predictions.figures() if self.predictions is not None else []
         return figs
 
     def _repr_html_(self) -> str:
         return self.fast_weights._repr_html_()
+
+    @property
+    def skipped(self) -> list[str]:
+        """What this run did not measure, and why (said on the report page and by the command)."""
+        out = [f"transplant: {self.transplant_skipped}"] if self.transplant_skipped else []
+        return out + [f"predictions: {s}" for s in (self.predictions.skipped if self.predictions is not None else ())]
 
     def sections(self) -> list[Any]:
         """The report's sections (:class:`icl_circuits.report.Section`)."""
@@ -78,9 +88,9 @@ class FastWeightsRun:
         f = self.fast_weights
         df = f.to_dataframe().sort_values("answer_dla", ascending=False)
         cols = ["layer", "head", "demo_share", "answer_dla", "effective_rank", "rank90", "reconstruction_cosine",
-                "soft_reconstruction_cosine", "explained_variance", "top_tokens"]  # fmt: skip
+                "soft_reconstruction_cosine", "top_tokens"]  # fmt: skip
         top = df.iloc[0].to_dict()
-        spec, roles, demos = f.plot()
+        spec, roles, demos = f.figures()
         out = [
             Section("Heads: the demos' share, fast-weight rank and reconstruction", table_html(df[cols]),
                     f"{f.n_prompts} prompts of {f.task} with {f.shots} shots. The split of each head's output into "
@@ -89,7 +99,13 @@ class FastWeightsRun:
                     f"answer logit "
                     f"{top['answer_dla']:.2f}); its linear fast weight dW_lin reproduces the demo part with mean "
                     f"cosine "
-                    f"{top['reconstruction_cosine']:.2f} (softmax-weighted: {top['soft_reconstruction_cosine']:.2f})."),
+                    f"{top['reconstruction_cosine']:.2f} (softmax-weighted: {top['soft_reconstruction_cosine']:.2f}). "
+                    "demo_share: the demo tokens' share of the head output (projection, roles sum to 1); answer_dla: "
+                    "the demo part's answer logit (logit lens); effective_rank: participation ratio of dW_lin's "
+                    "singular values; rank90: singular values holding 90% of the energy. fast_weights.json also "
+                    "holds the explained variance, 1 - |error|^2 / |demo part - its mean|^2, not shown: it falls far "
+                    "below 0 where the demo part barely varies across prompts, and the cosine is the readable "
+                    "measure of the same fit."),
             Section("Singular spectra of dW_lin", figure_html(spec),
                     f"Participation ratio of the top head: {top['effective_rank']:.2f}; rank holding 90% of the "
                     f"energy: {top['rank90']:.1f}."),
@@ -98,10 +114,11 @@ class FastWeightsRun:
         ]  # fmt: skip
         if self.transplant is not None:
             t = self.transplant
-            bars, sweep, fw_bars, curve = t.plot()
+            bars, sweep, fw_bars, curve = t.figures()
             out.append(Section(
                 "Transplant: the task vector on held-out zero-shot queries", figure_html(bars) + figure_html(sweep),
-                f"Task vector = sum of the mean demo parts of heads {[list(h) for h in t.heads]} (per fold). "
+                f"Task vector = sum of the mean demo parts of heads "
+                f"{'; '.join(', '.join(f'L{l}H{h}' for l, h in fold) for fold in t.heads)} (per fold). "
                 f"On {t.n_test} held-out zero-shot queries: zero-shot {t.zero_shot_acc:.2f}, with the vector "
                 f"{t.with_vector_acc:.2f}, random vector of equal norm {t.random_control_acc:.2f}, vector from "
                 f"shuffled-label demos {t.shuffled_control_acc:.2f}; layer chosen on validation: {list(t.layers)}.",
@@ -120,9 +137,10 @@ class FastWeightsRun:
             out.append(Section("Transplant", "<p>Not run.</p>", self.transplant_skipped or ""))
         if self.predictions is not None:
             p = self.predictions
-            figs = "".join(figure_html(x) for x in p.plot())
+            figs = "".join(figure_html(x) for x in p.figures())
+            skipped = [f"Not measured: {s}." for s in p.skipped]
             out.append(Section("The fast-weight predictions, measured", figs + table_html(p.to_dataframe()),
-                               _prediction_reading(p)))  # fmt: skip
+                               [_prediction_reading(p), *skipped]))  # fmt: skip
         return out
 
 
@@ -145,19 +163,21 @@ def _prediction_reading(p: Predictions) -> str:
     return " ".join(parts)
 
 
+@renamed_kwargs(n_prompts="n")
 def run_fast_weights(
     model: Any,
-    task: str,
+    task: str | Task,
     shots: int,
     *,
     heads: str | Sequence[tuple[int, int]] = "auto",
     n_top: int = 4,
-    n_prompts: int = 64,
+    n: int = 64,
     seed: int = 0,
     transplant: bool = True,
     predictions: bool = True,
 ) -> FastWeightsRun:
-    """Decompose, read out, transplant and test the predictions on ``task`` (see module doc).
+    """Decompose, read out, transplant and test the predictions on ``n`` prompts of ``task`` (a name or a
+    :class:`~icl_circuits.tasks.registry.Task`) with ``shots`` demos (see module doc).
 
     Raises:
         TaskError: unknown task, bad shots; InputError: bad heads.
@@ -169,7 +189,7 @@ def run_fast_weights(
     checked = check_task(model, t)
     checked.task.check_shots(shots)
     rng = np.random.default_rng(seed)
-    examples = [checked.task.draw(rng, shots) for _ in range(n_prompts)]
+    examples = [checked.task.draw(rng, shots) for _ in range(n)]
     tokens, roles, answers, contrasts = render_examples(model, checked, examples)
     chosen = None if heads == "auto" else fw.parse_heads(heads, model)
     dec = fw.decompose(model, tokens, roles, chosen)
@@ -179,14 +199,14 @@ def run_fast_weights(
     if transplant:
         try:
             tr = transplant_test(model, checked.task, shots, heads="auto" if heads == "auto" else list(top),
-                                 n_heads=n_top, n_prompts=n_prompts, seed=seed)  # fmt: skip
+                                 n_heads=n_top, n=n, seed=seed)  # fmt: skip
         except TaskError as e:
             skipped = str(e)
     else:
         skipped = "disabled"
-    pred = measure_predictions(model, checked.task, shots, top, n_prompts=n_prompts, seed=seed) if predictions else None
+    pred = measure_predictions(model, checked.task, shots, top, n=n, seed=seed) if predictions else None
     settings = {"heads": heads if isinstance(heads, str) else [list(h) for h in heads], "n_top": n_top,
-                "n_prompts": n_prompts, "seed": seed}  # fmt: skip
+                "n_prompts": n, "seed": seed}  # fmt: skip
     return FastWeightsRun(result, top, tr, skipped, pred, settings)
 
 

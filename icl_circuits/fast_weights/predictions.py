@@ -39,12 +39,14 @@ import torch
 from icl_circuits.errors import PromptTooLongError, TaskError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.transplant import logits_with_vector
+from icl_circuits.results import Result, renamed_kwargs, series_colors
+from icl_circuits.tasks.registry import Task
 from icl_circuits.tasks.roles import render_examples
 from icl_circuits.tasks.scoring import shrink_coefficient
 
 
 @dataclass(frozen=True)
-class Predictions:
+class Predictions(Result):
     """Rows of the three experiments (``repetition``, ``noise``, ``order``), means over prompts."""
 
     model: str
@@ -57,6 +59,8 @@ class Predictions:
     n_prompts: int
     seed: int
     skipped: tuple[str, ...] = ()
+
+    title = "Fast-weight predictions"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,27 +77,34 @@ class Predictions:
                  if rows]  # fmt: skip
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
-    def plot(self) -> list[Any]:  # list[plotly Figure]
+    def figures(self) -> list[Any]:  # list[plotly Figure]
         """[repetition, noise, order] figures. Pure: returns the figures."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
+        colour = series_colors(["accuracy", "fw_norm", "demo_norm", "demo_answer_logit", "beta",
+                                "demo answer logit (rel.)"])
         rep = make_subplots(rows=1, cols=2, subplot_titles=("|dW_lin|_F and |c_D| (relative to r=1)", "accuracy"))
         if self.repetition:
             r = [row["repeat"] for row in self.repetition]
             for key in ("fw_norm", "demo_norm", "demo_answer_logit"):
                 base = self.repetition[0][key] or 1.0
-                rep.add_trace(go.Scatter(x=r, y=[row[key] / base for row in self.repetition], name=key), 1, 1)
-            rep.add_trace(go.Scatter(x=r, y=[row["accuracy"] for row in self.repetition], name="accuracy"), 1, 2)
+                rep.add_trace(go.Scatter(x=r, y=[row[key] / base for row in self.repetition], name=key,
+                                         line={"color": colour[key]}), 1, 1)  # fmt: skip
+            rep.add_trace(go.Scatter(x=r, y=[row["accuracy"] for row in self.repetition], name="accuracy",
+                                     line={"color": colour["accuracy"]}), 1, 2)  # fmt: skip
         rep.update_layout(title="Repeating the demo block r times", xaxis_title="r")
         noi = make_subplots(rows=1, cols=2, subplot_titles=("update along the clean update (beta)", "accuracy"))
         if self.noise:
             p = [row["noise"] for row in self.noise]
-            noi.add_trace(go.Scatter(x=p, y=[row["shrinkage_beta"] for row in self.noise], name="beta"), 1, 1)
+            noi.add_trace(go.Scatter(x=p, y=[row["shrinkage_beta"] for row in self.noise], name="beta",
+                                     line={"color": colour["beta"]}), 1, 1)  # fmt: skip
             ref = self.noise[0]["demo_answer_logit"] or 1.0
             rel = [row["demo_answer_logit"] / ref for row in self.noise]
-            noi.add_trace(go.Scatter(x=p, y=rel, name="demo answer logit (rel.)"), 1, 1)
-            noi.add_trace(go.Scatter(x=p, y=[row["accuracy"] for row in self.noise], name="accuracy"), 1, 2)
+            noi.add_trace(go.Scatter(x=p, y=rel, name="demo answer logit (rel.)",
+                                     line={"color": colour["demo answer logit (rel.)"]}), 1, 1)  # fmt: skip
+            noi.add_trace(go.Scatter(x=p, y=[row["accuracy"] for row in self.noise], name="accuracy",
+                                     line={"color": colour["accuracy"]}, showlegend=False), 1, 2)  # fmt: skip
         noi.update_layout(title="Label noise: does the update shrink toward the zero-shot prediction?",
                           xaxis_title="fraction of demo labels flipped")  # fmt: skip
         names = [f"order {row['order']}" for row in self.order]
@@ -129,19 +140,21 @@ def _measure(model: Any, checked: Any, examples: Sequence[Any], heads: Sequence[
     }
 
 
+@renamed_kwargs(n_prompts="n")
 def measure_predictions(
     model: Any,
-    task: Any,
+    task: str | Task,
     shots: int,
     heads: Sequence[tuple[int, int]],
     *,
-    n_prompts: int = 64,
+    n: int = 64,
     seed: int = 0,
     repeats: Sequence[int] = (1, 2, 3),
     noise: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     n_orders: int = 3,
 ) -> Predictions:
-    """Run the three experiments of the module doc on ``task`` with ``shots`` demos and ``heads``.
+    """Run the three experiments of the module doc on ``n`` prompts of ``task`` (a name or a Task) with
+    ``shots`` demos and ``heads``.
 
     Repetitions whose prompts exceed the context are skipped (listed in ``skipped``).
 
@@ -152,21 +165,20 @@ def measure_predictions(
     from icl_circuits.tasks.prompts import check_task, flip_labels, permute_demos, repeat_demos
     from icl_circuits.tasks.registry import FewShot, get_task
 
-    if isinstance(task, str):
-        task = get_task(task, model)
+    task = get_task(task, model)
     if shots < 2:
         raise TaskError(f"the predictions need shots >= 2, got {shots}")
     checked = check_task(model, task)
     rng, manip = np.random.default_rng(seed), np.random.default_rng([seed, 1])
-    examples = [checked.task.draw(rng, shots) for _ in range(n_prompts)]
+    examples = [checked.task.draw(rng, shots) for _ in range(n)]
     heads = fw.parse_heads(list(heads), model)
     skipped: list[str] = []
     rep_rows = []
     for r in repeats:
         try:
             m = _measure(model, checked, [repeat_demos(ex, int(r)) for ex in examples], heads)
-        except PromptTooLongError:
-            skipped.append(f"repeat={r}: prompt longer than the context")
+        except PromptTooLongError as e:
+            skipped.append(f"repeating the demos r = {r} times: the prompts exceed the model's context ({e})")
             continue
         rep_rows.append({"repeat": int(r), **m["row"]})
     zero = [FewShot((), ex.query) for ex in examples]
@@ -200,5 +212,5 @@ def measure_predictions(
         })  # fmt: skip
     return Predictions(
         model_info(model).spec, checked.task.name, shots, tuple(heads), tuple(rep_rows), tuple(noise_rows),
-        tuple(order_rows), n_prompts, seed, tuple(skipped),
+        tuple(order_rows), n, seed, tuple(skipped),
     )  # fmt: skip

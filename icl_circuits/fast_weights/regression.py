@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from icl_circuits.errors import InputError, ModelSpecError
+from icl_circuits.results import Result
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class GDComparison:
+class GDComparison(Result):
     """The model's predictions and extracted updates against one GD step, by number of demos."""
 
     rows: tuple[dict[str, Any], ...]
@@ -128,6 +129,8 @@ class GDComparison:
     n_heads: int
     batch: int
     seed: int
+
+    title = "In-context regression vs one GD step"
 
     def to_dataframe(self) -> Any:  # pandas.DataFrame
         import pandas as pd

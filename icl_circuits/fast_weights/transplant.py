@@ -57,7 +57,9 @@ import torch
 from icl_circuits.errors import InputError, TaskError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.models import attention
+from icl_circuits.results import Result, renamed_kwargs
 from icl_circuits.shapes import expand_kv
+from icl_circuits.tasks.registry import Task
 from icl_circuits.tasks.roles import render_examples
 
 
@@ -275,7 +277,7 @@ def logits_with_memory(model: Any, tokens: torch.Tensor, last_positions: torch.T
 
 
 @dataclass(frozen=True)
-class TransplantResult:
+class TransplantResult(Result):
     """Zero-shot accuracy on held-out queries with the task vector and its controls.
 
     ``sweep``: one row per fold and layer with validation and test accuracies (vector, random,
@@ -306,6 +308,8 @@ class TransplantResult:
     by_rank: tuple[tuple[int, float], ...]
     by_layer: tuple[tuple[int, float], ...]
 
+    title = "Transplant"
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON ``transplant`` block."""
         return {
@@ -328,7 +332,7 @@ class TransplantResult:
 
         return pd.DataFrame(list(self.sweep))
 
-    def plot(self) -> list[Any]:  # list[plotly Figure]
+    def figures(self) -> list[Any]:  # list[plotly Figure]
         """[vector accuracies, test accuracy by layer, fast-weight accuracies, fast weight by rank and layer].
         Pure: returns the figures."""
         import plotly.graph_objects as go
@@ -420,20 +424,22 @@ def _extraction_examples(task: Any, shots: int, fold: Sequence[str], n: int, rng
     return out
 
 
+@renamed_kwargs(n_prompts="n")
 def transplant_test(
     model: Any,
-    task: Any,
+    task: str | Task,
     shots: int,
     *,
     heads: str | Sequence[tuple[int, int]] = "auto",
     n_heads: int = 4,
-    n_prompts: int = 64,
+    n: int = 64,
     n_random: int = 5,
     seed: int = 0,
     layers: Sequence[int] | None = None,
     ranks: Sequence[int] = (0, 1, 2, 4),
 ) -> TransplantResult:
-    """Run the transplant test (module doc) for ``task`` (a name or a Task) with ``shots``-shot extraction.
+    """Run the transplant test (module doc) for ``task`` (a name or a Task) with ``shots``-shot extraction on ``n``
+    prompts per fold.
 
     Raises:
         TaskError: a task without a fixed input -> output map, ``shots < 2``, or folds smaller than ``shots + 1``.
@@ -443,8 +449,7 @@ def transplant_test(
     from icl_circuits.tasks.prompts import check_task
     from icl_circuits.tasks.registry import FewShot, Pair, get_task
 
-    if isinstance(task, str):
-        task = get_task(task, model)
+    task = get_task(task, model)
     if shots < 2:
         raise TaskError(f"the shuffled-label control needs shots >= 2, got {shots}")
     checked = check_task(model, task)
@@ -465,7 +470,7 @@ def transplant_test(
     totals |= {f"rank{r}": 0.0 for r in rank_list} | {f"layer{l}": 0.0 for l in range(n_layers)}
     chosen_layers, chosen_heads, norms = [], [], []
     for f, (train_keys, test_keys) in enumerate(((folds[0], folds[1]), (folds[1], folds[0]))):
-        examples = _extraction_examples(task, shots, train_keys, n_prompts, rng)
+        examples = _extraction_examples(task, shots, train_keys, n, rng)
         shuffled = [derange_labels(ex, rng) for ex in examples]
         tok, roles, ans, _ = render_examples(model, checked, examples)
         tok_s, roles_s, _, _ = render_examples(model, checked, shuffled)

@@ -73,7 +73,7 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
     )
     heat = Section(
         "Per-head scores (layer x head)",
-        _grid(list(scan.plot().values())),
+        _grid(scan.figures()),
         "Attention scores are fractions of a query's attention in [0, 1]. Copying is sum Re(lambda) / sum |lambda| "
         "of the full OV circuit W_E W_V W_O W_U (+1: copies). The ablation effect is the change of the "
         "in-context gain (loss early - loss late, nats) when the head's output is replaced by its mean, "
@@ -82,7 +82,8 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
     ranked = Section(
         "Heads ranked by induction score",
         table_html(scan.to_dataframe(), max_rows=20),
-        "The 20 highest induction scores; head_scan.json holds every head.",
+        f"The {min(20, scan.n_layers * scan.n_heads)} highest induction scores of {scan.n_layers * scan.n_heads} "
+        "heads; head_scan.json holds every head.",
     )
     k_base = scan.baselines["K"]
     circuit = Section(
@@ -119,7 +120,7 @@ def save_head_scan(scan: HeadScan, model: Any, out_dir: str | os.PathLike[str], 
         model, scan.seed, seq_len=scan.seq_len, batch=scan.batch, prefix_repeats=scan.prefix_repeats,
         ablation="ablation" in scan.scores, **args,
     )
-    doc = scan.to_json_dict()
+    doc = scan.to_dict()
     doc["provenance"] = prov
     json_path = atomic_write_json(out / "head_scan.json", doc)
     html_path = write_report(out / "head_scan.html", f"Head scan: {scan.model}", head_scan_sections(scan, model), prov)

@@ -14,7 +14,7 @@ Example::
     scan = scan_heads(model, seq_len=20, batch=16, seed=0)
     scan.to_dataframe().head()          # one row per head, ranked by induction score
     scan.induction_heads, scan.circuit  # [(1, 2), ...], [Feeders(...)]
-    figs = scan.plot()                  # {"induction": Figure, ...}: layer x head heatmaps
+    fig = scan.plot()                   # one Figure: the layer x head heatmaps (scan.heatmaps(): by metric)
     html = scan.attention_html(model)   # circuitsvis view of the top heads on one example
 
 :func:`icl_circuits.heads.report.save_head_scan` writes ``head_scan.json`` (the schema other scripts
@@ -42,6 +42,7 @@ from icl_circuits.heads import scores as hd
 from icl_circuits.io import generator
 from icl_circuits.models import model_info
 from icl_circuits.patching.ablation import SIGN, InContextGain, mean_ablation_sweep
+from icl_circuits.results import Result
 from icl_circuits.shapes import check_heads
 
 METRICS = ("induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation")
@@ -115,7 +116,7 @@ class Feeders:
 
 
 @dataclass(frozen=True)
-class HeadScan:
+class HeadScan(Result):
     """Per-head scores ``[layer, head]`` (``ablation`` is ``None`` when the sweep was skipped) and their readings."""
 
     model: str
@@ -235,7 +236,19 @@ class HeadScan:
         df = pd.DataFrame(rows)
         return df.sort_values(["induction", "layer", "head"], ascending=[False, True, True]).reset_index(drop=True)
 
-    def plot(self) -> dict[str, Any]:
+    title = "Head scan"
+
+    def figures(self) -> list[Any]:
+        """The layer x head heatmaps of :meth:`heatmaps`, in the order of ``METRICS``."""
+        return list(self.heatmaps().values())
+
+    def findings(self) -> dict[str, Any]:
+        """The induction heads, the in-context score and :meth:`summary` as the reading."""
+        return {"induction_heads": ", ".join(f"L{l}H{h}" for l, h in self.induction_heads) or None,
+                "max_induction_score": float(self.scores["induction"].max()),
+                "in_context_score": self.in_context_score, "reading": self.summary()}  # fmt: skip
+
+    def heatmaps(self) -> dict[str, Any]:
         """``{metric: plotly Figure}``: a layer x head heatmap per metric (ablation only when measured)."""
         import plotly.graph_objects as go
 
@@ -324,7 +337,7 @@ class HeadScan:
         prev = divmod(int(self.scores["previous_token"].argmax()), self.n_heads)
         return top + ([prev] if prev not in top else [])
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The ``head_scan.json`` document (plain JSON types; ``ablation`` null when not measured)."""
         heads = []
         for l, h in self.all_heads:
@@ -396,7 +409,7 @@ class HeadScan:
         return (
             f"<div><pre>{html.escape(self.summary())}</pre>"
             + table_html(self.to_dataframe(), max_rows=12)
-            + "<p><i>.plot() for heatmaps, .attention_html(model) for attention views</i></p></div>"
+            + "<p><i>.plot() for the heatmaps, .attention_html(model) for attention views</i></p></div>"
         )
 
 

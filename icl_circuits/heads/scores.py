@@ -1,9 +1,11 @@
 """Behavioural head scores on repeated random tokens (Olsson et al. 2022, "In-context Learning and Induction Heads").
 
 Sequences are ``[BOS, r, r, ...]``: ``r`` is ``n`` random ordinary tokens (special tokens excluded,
-distinct within a sequence when the vocabulary allows), repeated ``c`` times. Positions are ``0``
-(BOS) and ``1 + i*n + j`` for copy ``i`` and offset ``j``. ``A = blocks.{l}.attn.hook_pattern``
-``[batch, head, q, k]``. For a query ``q`` in copy ``i >= 1``:
+distinct within a sequence when the vocabulary allows), repeated ``c`` times. The BOS is there only
+when the model's prompts start with one (:func:`~icl_circuits.models.uses_bos`, a per-model
+setting; ``o = 1`` with it, ``0`` without): positions are ``0`` (BOS) and ``o + i*n + j`` for copy
+``i`` and offset ``j``, and every function below reads ``o`` from the sequence width (``o + c*n``).
+``A = blocks.{l}.attn.hook_pattern`` ``[batch, head, q, k]``. For a query ``q`` in copy ``i >= 1``:
 
 * induction score (``c = 2``): ``A[q, q - n + 1]``, the token right after the first occurrence of the
   current token (the offset stripe), averaged over the ``n`` second-copy queries and the batch;
@@ -47,6 +49,7 @@ from typing import Any
 import torch
 
 from icl_circuits.errors import InputError
+from icl_circuits.models import bos_offset
 from icl_circuits.patching.ablation import InContextGain, read_positions
 
 
@@ -73,7 +76,8 @@ def bos_token_id(model: Any) -> int:
 def repeated_random_tokens(
     model: Any, batch: int, seq_len: int, generator: torch.Generator, *, repeats: int = 2
 ) -> torch.Tensor:
-    """``[batch, 1 + repeats * seq_len]``: BOS, then ``seq_len`` random ordinary tokens ``repeats`` times.
+    """``[batch, o + repeats * seq_len]``: BOS (``o = 1``; none, ``o = 0``, for a model without one), then
+    ``seq_len`` random ordinary tokens ``repeats`` times.
 
     Tokens are drawn without replacement within a sequence when the vocabulary allows, so every
     later-copy token has exactly one occurrence per earlier copy and the stripes are unambiguous.
@@ -83,11 +87,12 @@ def repeated_random_tokens(
             f"need seq_len >= 2, batch >= 1 and repeats >= 2; got seq_len={seq_len}, batch={batch}, repeats={repeats}"
         )
     n_ctx = int(model.cfg.n_ctx)
-    length = 1 + repeats * seq_len
+    o = bos_offset(model)
+    length = o + repeats * seq_len
     if length > n_ctx:
         raise InputError(
             f"seq_len={seq_len} repeated {repeats} times gives {length} tokens, more than the model's context "
-            f"({n_ctx}); use seq_len <= {(n_ctx - 1) // repeats}"
+            f"({n_ctx}); use seq_len <= {(n_ctx - o) // repeats}"
         )
     pool = ordinary_token_ids(model)
     if seq_len <= len(pool):
@@ -95,17 +100,30 @@ def repeated_random_tokens(
     else:
         idx = torch.randint(len(pool), (batch, seq_len), generator=generator)
     r = pool[idx]
-    bos = torch.full((batch, 1), bos_token_id(model), dtype=torch.long)
+    bos = torch.full((batch, o), bos_token_id(model), dtype=torch.long)
     return torch.cat([bos, *([r] * repeats)], dim=1)
 
 
-def _check_pattern(pattern: torch.Tensor, seq_len: int, repeats: int) -> None:
-    want = 1 + repeats * seq_len
-    if pattern.ndim != 4 or pattern.shape[-1] != want or pattern.shape[-2] != want:
+def bos_width(width: int, seq_len: int, repeats: int) -> int:
+    """``o``, the BOS offset of a ``width``-token sequence ``[BOS?, r * repeats]`` (``1``: a BOS, ``0``: none).
+
+    Raises:
+        InputError: ``width`` is neither ``repeats * seq_len`` nor one more.
+    """
+    o = width - repeats * seq_len
+    if o not in (0, 1):
         raise InputError(
-            f"pattern must be [batch, head, {want}, {want}] for seq_len={seq_len} x {repeats} copies, "
-            f"got {list(pattern.shape)}"
+            f"a sequence of seq_len={seq_len} x {repeats} copies has {repeats * seq_len} tokens "
+            f"(+1 with a BOS), got {width}"
         )
+    return o
+
+
+def _check_pattern(pattern: torch.Tensor, seq_len: int, repeats: int) -> int:
+    """Check ``pattern [batch, head, q, k]`` fits ``[BOS?, r * repeats]``; return the BOS offset ``o``."""
+    if pattern.ndim != 4 or pattern.shape[-1] != pattern.shape[-2]:
+        raise InputError(f"pattern must be [batch, head, pos, pos], got {list(pattern.shape)}")
+    return bos_width(int(pattern.shape[-1]), seq_len, repeats)
 
 
 def induction_score(pattern: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -115,16 +133,16 @@ def induction_score(pattern: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def prefix_matching_score(pattern: torch.Tensor, seq_len: int, repeats: int) -> torch.Tensor:
-    """``pattern [batch, head, q, k]`` on ``[BOS, r * repeats]`` -> ``[head]``.
+    """``pattern [batch, head, q, k]`` on ``[BOS?, r * repeats]`` -> ``[head]``.
 
     For each query in copy ``i >= 1``: the attention summed over the ``i`` positions that followed
     earlier occurrences of its token (``q - m*n + 1``, ``m = 1..i``); averaged over those queries.
     """
-    _check_pattern(pattern, seq_len, repeats)
+    o = _check_pattern(pattern, seq_len, repeats)
     n = seq_len
     per_query = []
-    for q in range(n + 1, 1 + repeats * n):
-        keys = torch.tensor([q - m * n + 1 for m in range(1, (q - 1) // n + 1)])
+    for q in range(o + n, o + repeats * n):
+        keys = torch.tensor([q - m * n + 1 for m in range(1, (q - o) // n + 1)])
         per_query.append(pattern[:, :, q, keys].sum(-1))  # [batch, head]
     return torch.stack(per_query, dim=-1).mean(dim=(0, 2))
 
@@ -136,9 +154,9 @@ def previous_token_score(pattern: torch.Tensor) -> torch.Tensor:
 
 def duplicate_token_score(pattern: torch.Tensor, seq_len: int) -> torch.Tensor:
     """``[batch, head, q, k]`` -> ``[head]``: mean of A[q, q - n] over the second copy."""
-    _check_pattern(pattern, seq_len, 2)
+    o = _check_pattern(pattern, seq_len, 2)
     n = seq_len
-    q = torch.arange(n + 1, 2 * n + 1)
+    q = torch.arange(o + n, o + 2 * n)
     return pattern[:, :, q, q - n].mean(dim=(0, 2))
 
 
@@ -165,7 +183,7 @@ def attention_scores(
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     names = ("induction", "previous_token", "duplicate_token", "prefix_matching")
     out = {k: torch.full((n_layers, n_heads), float("nan")) for k in names}
-    n_prefix = (prefix_tokens.shape[1] - 1) // prefix_repeats
+    n_prefix = prefix_tokens.shape[1] // prefix_repeats  # width o + repeats * n' with o in {0, 1}
 
     def on_rr(layer: int, pattern: torch.Tensor) -> None:
         pattern = pattern.float().cpu()
@@ -193,9 +211,9 @@ def in_context_losses(logits: torch.Tensor, tokens: torch.Tensor, seq_len: int) 
     (:class:`icl_circuits.patching.ablation.InContextGain`, whose metric is ``early - late``).
     """
     n = seq_len
-    if tokens.ndim != 2 or tokens.shape[1] != 1 + 2 * n or logits.shape[:2] != tokens.shape:
+    if tokens.ndim != 2 or tokens.shape[1] not in (2 * n, 1 + 2 * n) or logits.shape[:2] != tokens.shape:
         raise InputError(
-            f"need tokens [batch, {1 + 2 * n}] and logits [batch, {1 + 2 * n}, vocab]; "
+            f"need tokens [batch, (1 +) {2 * n}] and logits of the same [batch, pos] with a vocab axis; "
             f"got {list(tokens.shape)} and {list(logits.shape)}"
         )
     gain = InContextGain(tokens.cpu(), seq_len)
@@ -214,7 +232,7 @@ def in_context_score(logits: torch.Tensor, tokens: torch.Tensor, seq_len: int) -
 
 
 def induction_stripe(pattern: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """``pattern [rows, head, q, k]`` on ``[BOS, r, r]`` -> ``[rows, head]``: each sequence's induction score."""
-    n = seq_len
-    q = torch.arange(n + 1, 2 * n + 1, device=pattern.device)
+    """``pattern [rows, head, q, k]`` on ``[BOS?, r, r]`` -> ``[rows, head]``: each sequence's induction score."""
+    n, o = seq_len, _check_pattern(pattern, seq_len, 2)
+    q = torch.arange(o + n, o + 2 * n, device=pattern.device)
     return pattern[:, :, q, q - n + 1].mean(-1)

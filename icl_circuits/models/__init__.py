@@ -8,22 +8,28 @@ from icl_circuits.models.loading import (
     DEFAULT_MODEL,
     FIXTURE_PREFIX,
     ModelInfo,
+    bos_offset,
     describe_fixture,
     fixtures_dir,
     list_fixtures,
     load_model,
     model_info,
+    parse_prepend_bos,
     require_tokenizer,
+    uses_bos,
 )
 
 __all__ = [
     "DEFAULT_MODEL",
     "FIXTURE_PREFIX",
     "ModelInfo",
+    "bos_offset",
     "describe_fixture",
     "fixtures_dir",
     "list_fixtures",
     "load_model",
     "model_info",
+    "parse_prepend_bos",
     "require_tokenizer",
+    "uses_bos",
 ]

@@ -51,6 +51,7 @@ class PackagedGGUF:
     sha256: str
     hub: str  # the same model on the Hugging Face hub, used when the package is absent
     description: str
+    prepend_bos: bool | None = None  # BOS setting measured for this model (None: the bridge's default)
 
 
 NAMED_GGUF: dict[str, PackagedGGUF] = {
@@ -63,6 +64,9 @@ NAMED_GGUF: dict[str, PackagedGGUF] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         hub="HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads, 3 KV heads; Q4_1 GGUF dequantised to float32)",
+        # No BOS: the GGUF says add_bos_token False, and measured (README, "BOS") prompts without its BOS
+        # <|im_start|> gave lower text loss (3.19 vs 3.43 nats) and stronger induction than with it.
+        prepend_bos=False,
     ),
 }
 
@@ -181,6 +185,17 @@ def architecture(path: Path) -> str:
     if field is None:
         raise ModelSpecError(f"GGUF file {str(path)!r} is malformed: no general.architecture field")
     return str(field.contents())
+
+
+def add_bos_token(path: Path) -> bool | None:
+    """The GGUF file's ``tokenizer.ggml.add_bos_token`` (whether its tokenizer prepends BOS), ``None`` when absent."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    except Exception as e:  # noqa: BLE001 - the reader fails in many ways on a garbled file
+        raise ModelSpecError(f"GGUF file {str(path)!r}: could not read its metadata: {type(e).__name__}: {e}") from e
+    return None if field is None else bool(field.contents())
 
 
 def _write_hf_folder(path: Path, dest: Path) -> None:

@@ -22,6 +22,14 @@ attention as ``cache=``, so the cache stayed empty and every cached decoding ste
 itself alone (wrong tokens after the first, silently). Each returned bridge's attention layers are
 given the cache under the name the bridge reads (:func:`_repair_kv_cache`), so cached and uncached
 greedy generation agree.
+
+BOS: whether prompts start with a BOS token is a per-model setting, ``model.cfg.default_prepend_bos``
+(TransformerBridge's own switch, so its ``to_tokens``/``generate`` follow it too), read by
+:func:`uses_bos`/:func:`bos_offset` everywhere prompts are built. ``load_model(prepend_bos=None)``
+("auto") keeps what the model was trained with: the GGUF file's ``tokenizer.ggml.add_bos_token`` when
+it says, else a named model's measured choice (:data:`~icl_circuits.models.gguf.NAMED_GGUF`), else
+the bridge's per-architecture default (GPT-NeoX, Qwen2, Phi: no BOS; GPT-2, Llama, Gemma: BOS). ``True``
+or ``False`` overrides it; :class:`ModelInfo` (every result's provenance) records the choice and why.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +74,8 @@ class ModelInfo:
     has_tokenizer: bool
     file: str | None = None
     sha256: str | None = None
+    prepend_bos: bool = True
+    bos_source: str = "the bridge's default"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,10 +92,37 @@ def list_fixtures() -> list[str]:
 def model_info(model: Any) -> ModelInfo:
     """The :class:`ModelInfo` of a bridge (a bridge not loaded here reports kind ``external``)."""
     info = getattr(model, _INFO_ATTR, None)
-    if isinstance(info, ModelInfo):
-        return info
-    name = getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__
-    return ModelInfo(spec=str(name), kind="external", has_tokenizer=getattr(model, "tokenizer", None) is not None)
+    if not isinstance(info, ModelInfo):
+        name = getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__
+        info = ModelInfo(spec=str(name), kind="external", has_tokenizer=getattr(model, "tokenizer", None) is not None)
+    bos = uses_bos(model)
+    return info if info.prepend_bos == bos else replace(info, prepend_bos=bos, bos_source="set on model.cfg")
+
+
+def uses_bos(model: Any) -> bool:
+    """Whether prompts for ``model`` start with its BOS token: ``model.cfg.default_prepend_bos``
+    (set by :func:`load_model`; TransformerBridge's default ``True`` where the attribute is missing)."""
+    return bool(getattr(getattr(model, "cfg", None), "default_prepend_bos", True))
+
+
+def bos_offset(model: Any) -> int:
+    """The position of a prompt's first text token: ``1`` when the model's prompts start with BOS, else ``0``."""
+    return int(uses_bos(model))
+
+
+def parse_prepend_bos(value: bool | str | None) -> bool | None:
+    """``"auto"``/``None`` -> ``None`` (the model's own setting), ``"yes"``/``True`` -> ``True``,
+    ``"no"``/``False`` -> ``False``.
+
+    Raises:
+        ModelSpecError: any other value.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    table = {"auto": None, "yes": True, "no": False}
+    if isinstance(value, str) and value.lower() in table:
+        return table[value.lower()]
+    raise ModelSpecError(f"prepend_bos must be auto, yes or no (or None/True/False), got {value!r}")
 
 
 def require_tokenizer(model: Any, what: str = "this operation") -> Any:
@@ -177,6 +214,41 @@ def _attach(bridge: Any, info: ModelInfo) -> Any:
     return bridge
 
 
+def _trained_bos(info: ModelInfo) -> tuple[bool | None, str]:
+    """What the checkpoint says about BOS, and where that comes from (``None``: it says nothing)."""
+    if info.kind == "gguf" and info.file is not None:
+        flag = gguf.add_bos_token(Path(info.file))
+        if flag is not None:
+            return flag, "the GGUF file's tokenizer.ggml.add_bos_token"
+    entry = gguf.NAMED_GGUF.get(info.spec)
+    if entry is not None and entry.prepend_bos is not None:
+        return entry.prepend_bos, f"the measured choice for {entry.name}"
+    return None, ""
+
+
+def _set_bos(bridge: Any, prepend_bos: bool | None) -> Any:
+    """Decide the BOS setting (module docstring), write it to ``bridge.cfg.default_prepend_bos`` and record it.
+
+    Raises:
+        ModelSpecError: BOS asked for, but the tokenizer has none.
+    """
+    info = model_info(bridge)
+    trained, source = _trained_bos(info)
+    if prepend_bos is not None:
+        bos, source = prepend_bos, "set by the user"
+    elif trained is not None:
+        bos = trained
+    else:
+        arch = getattr(bridge.cfg, "architecture", None) or "this architecture"
+        bos, source = uses_bos(bridge), f"TransformerBridge's default for {arch}"
+    tok = getattr(bridge, "tokenizer", None)
+    if bos and tok is not None and tok.bos_token_id is None:
+        raise ModelSpecError(f"model spec {info.spec!r}: prepend_bos=True, but its tokenizer has no BOS token")
+    bridge.cfg.default_prepend_bos = bool(bos)
+    object.__setattr__(bridge, _INFO_ATTR, replace(info, prepend_bos=bool(bos), bos_source=source))
+    return bridge
+
+
 def _load_hf_dir(path: Path, spec: str, kind: str, device: str, dtype: torch.dtype) -> Any:
     if not (path / "config.json").is_file():
         raise ModelSpecError(f"model spec {spec!r}: folder {str(path)!r} has no config.json (not a Hugging Face model)")
@@ -246,6 +318,7 @@ def load_model(
     tokenizer: str | os.PathLike[str] | None = None,
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
+    prepend_bos: bool | str | None = None,
 ) -> Any:
     """Load ``spec`` as a TransformerBridge with ``enable_compatibility_mode()`` applied.
 
@@ -256,12 +329,22 @@ def load_model(
             model works on token ids and string methods raise :class:`NoTokenizerError`.
         device: ``"cpu"``, ``"cuda"``...; default: CUDA when available, else CPU.
         dtype: torch dtype or its name; default float32.
+        prepend_bos: whether prompts start with BOS (``None``/``"auto"``: what the model was trained
+            with, see the module docstring; ``True``/``"yes"``, ``False``/``"no"``: override). Stored as
+            ``model.cfg.default_prepend_bos`` and recorded in :func:`model_info`.
 
     Raises:
         ModelSpecError: naming the spec and the cause (unknown fixture, missing file, bad
             checkpoint, a truncated/non-GGUF file or unsupported GGUF architecture, hub model not
             reachable offline).
     """
+    bos = parse_prepend_bos(prepend_bos)
+    return _set_bos(_load_spec(spec, tokenizer, device, dtype), bos)
+
+
+def _load_spec(
+    spec: str, tokenizer: str | os.PathLike[str] | None, device: str | None, dtype: torch.dtype | str | None
+) -> Any:
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"model spec must be a non-empty string, got {spec!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -124,10 +124,11 @@ class LogitDiff:
 
 @dataclass(frozen=True)
 class InContextGain:
-    """``early - late`` (nats) on ``tokens [batch, 1 + 2n]`` = ``[BOS, r, r]`` with ``n = seq_len``.
+    """``early - late`` (nats) on ``tokens [batch, o + 2n]`` = ``[BOS?, r, r]`` with ``n = seq_len``
+    (``o = 1`` with a BOS, ``0`` for a model without one: read from the width).
 
     ``early``: mean next-token loss predicting ``r[1..n-1]`` in the first copy (logits at positions
-    ``1..n-1``); ``late``: the same for the second copy (positions ``n+1..2n-1``). Larger = more
+    ``o..o+n-2``); ``late``: the same for the second copy (positions ``o+n..o+2n-2``). Larger = more
     in-context learning.
     """
 
@@ -138,14 +139,15 @@ class InContextGain:
 
     def __post_init__(self) -> None:
         n = self.seq_len
-        if n < 2 or self.tokens.ndim != 2 or self.tokens.shape[1] != 1 + 2 * n:
-            raise InputError(f"need seq_len >= 2 and tokens [batch, 1 + 2 * seq_len] = [batch, {1 + 2 * n}], "
-                             f"got seq_len={n}, tokens {list(self.tokens.shape)}")  # fmt: skip
+        if n < 2 or self.tokens.ndim != 2 or self.tokens.shape[1] not in (2 * n, 1 + 2 * n):
+            raise InputError(f"need seq_len >= 2 and tokens [batch, (1 +) 2 * seq_len] = [batch, (1 +) {2 * n}] "
+                             f"(1 + with a BOS), got seq_len={n}, tokens {list(self.tokens.shape)}")  # fmt: skip
 
     @property
     def positions(self) -> torch.Tensor:
         n = self.seq_len
-        pos = torch.cat([torch.arange(1, n), torch.arange(n + 1, 2 * n)])
+        o = int(self.tokens.shape[1]) - 2 * n  # the BOS offset
+        pos = torch.cat([torch.arange(o, o + n - 1), torch.arange(o + n, o + 2 * n - 1)])
         return pos.expand(self.tokens.shape[0], -1)
 
     def losses(self, logits: torch.Tensor, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,7 @@ from icl_circuits.errors import InputError
 from icl_circuits.models.attention import score_vectors
 from icl_circuits.patching.exact import Direction, PatchEffects, check_inputs
 from icl_circuits.patching.resume import fused_activations, unembed_ld
+from icl_circuits.results import PALETTE, Result
 from icl_circuits.shapes import expand_kv
 
 HEAD_ACTIVATIONS = ("z", "q", "k", "v", "pattern")
@@ -91,7 +92,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True)
-class Agreement:
+class Agreement(Result):
     """How well each estimator tracks exact patching over the grid cells.
 
     Signed estimators (``atp``, ``atp_qk``) are compared with the exact batch-normalised effect;
@@ -101,6 +102,22 @@ class Agreement:
     n_cells: int
     pearson: dict[str, float]
     spearman: dict[str, float]
+
+    title = "Agreement of the estimators with exact patching"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_cells": self.n_cells, "pearson": dict(self.pearson), "spearman": dict(self.spearman)}
+
+    def plot(self) -> Any:
+        """Pearson and Spearman correlation of each estimator with exact patching (bars)."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for i, (what, vals) in enumerate((("Pearson", self.pearson), ("Spearman", self.spearman))):
+            fig.add_bar(name=what, x=list(vals), y=list(vals.values()), marker_color=PALETTE[i])
+        fig.update_layout(title=f"{self.title} ({self.n_cells} cells)", barmode="group", yaxis_title="correlation",
+                          yaxis_range=[-1.05, 1.05], xaxis_title="estimator")  # fmt: skip
+        return fig
 
     def to_dataframe(self) -> Any:
         import pandas as pd
@@ -120,7 +137,7 @@ class Agreement:
 
 
 @dataclass(frozen=True)
-class AtPResult:
+class AtPResult(Result):
     """Estimated changes of the logit difference, ``[*grid, batch]`` over ``axis_names``.
 
     ``atp``: plain AtP (signed). ``atp_qk``: with the QK fix (signed; equals ``atp`` except for
@@ -206,6 +223,19 @@ class AtPResult:
         rows = [{**dict(zip(self.axis_names, c)), **{k: float(v[i]) for k, v in cols.items()}}
                 for i, c in enumerate(cells)]  # fmt: skip
         return pd.DataFrame(rows)
+
+    title = "Attribution patching (AtP)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Per-example estimated changes ``[*grid, batch]`` (nested lists) and the logit differences."""
+        return {
+            "activation": self.activation, "direction": self.direction, "axis_names": list(self.axis_names),
+            "atp": self.atp.tolist(), "atp_qk": self.atp_qk.tolist(),
+            "atp_star": None if self.atp_star is None else self.atp_star.tolist(),
+            "qk_term": None if self.qk_term is None else self.qk_term.tolist(),
+            "clean_logit_diff": self.clean_logit_diff.tolist(),
+            "corrupted_logit_diff": self.corrupted_logit_diff.tolist(), "notes": list(self.notes),
+        }  # fmt: skip
 
     def plot(self, kind: str = "atp_qk") -> Any:
         """Heatmap of a signed estimator (as :meth:`PatchEffects.plot`)."""

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
 from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
+from icl_circuits.results import Result
 
 ACTIVATIONS = ("z", "q", "k", "v", "pattern", "resid_pre")
 DIRECTIONS = ("denoising", "noising")
@@ -56,7 +57,7 @@ Direction = Literal["denoising", "noising"]
 
 
 @dataclass(frozen=True)
-class PatchEffects:
+class PatchEffects(Result):
     """Logit differences of patched runs, per grid cell and example, with their two baselines.
 
     ``patched_logit_diff [*grid, batch]`` over the axes ``axis_names`` (``("layer", "head")``,
@@ -72,6 +73,8 @@ class PatchEffects:
     clean_logit_diff: torch.Tensor
     corrupted_logit_diff: torch.Tensor
     method: str = "exact"
+
+    title = "Activation patching"
 
     @property
     def baseline(self) -> float:
@@ -119,6 +122,13 @@ class PatchEffects:
         low, high = torch.quantile(stats, q, dim=-1)
         return low, high
 
+    def cell_name(self, cell: tuple[int, ...]) -> str:
+        """``L2H0`` for a head, ``L2 pos 5`` for a layer and position, ``L2H0 pos 5`` for both."""
+        names = dict(zip(self.axis_names, cell))
+        out = f"L{names['layer']}" if "layer" in names else ""
+        out += f"H{names['head']}" if "head" in names else ""
+        return out + (f" pos {names['pos']}" if "pos" in names else "")
+
     def cells(self) -> list[tuple[int, ...]]:
         """Every grid index, in row-major order."""
         return list(itertools.product(*(range(s) for s in self.grid_shape)))
@@ -156,19 +166,22 @@ class PatchEffects:
             n_l, n_p, n_h = eff.shape
             z = eff.permute(0, 2, 1).reshape(n_l * n_h, n_p)
             y = [f"L{l}H{h}" for l in range(n_l) for h in range(n_h)]
+            x = [str(p) for p in range(n_p)]
             x_title, y_title = "position", "head"
         else:
             z = eff
             y = [f"L{l}" for l in range(eff.shape[0])]
+            x = [f"H{i}" if self.axis_names[1] == "head" else str(i) for i in range(eff.shape[1])]
             x_title, y_title = self.axis_names[1], "layer"
         bound = float(z.abs().max()) or 1.0
-        fig = go.Figure(go.Heatmap(z=z.numpy(), y=y, colorscale="RdBu", zmid=0.0, zmin=-bound, zmax=bound,
+        fig = go.Figure(go.Heatmap(z=z.numpy(), x=x, y=y, colorscale="RdBu", zmid=0.0, zmin=-bound, zmax=bound,
                                    colorbar={"title": "effect"}))  # fmt: skip
         what = "restored by" if self.direction == "denoising" else "lost by"
         fig.update_layout(
             title=f"{self.method} patching of {self.activation} ({self.direction}): share of clean logit "
             f"difference {what} the patch, batch-normalised",
-            xaxis_title=x_title, yaxis_title=y_title, yaxis_autorange="reversed",
+            xaxis_title=x_title, yaxis_title=y_title, yaxis_autorange="reversed", xaxis_type="category",
+            yaxis_type="category",
         )  # fmt: skip
         return fig
 
@@ -176,7 +189,7 @@ class PatchEffects:
         eff = self.effect()
         top = torch.topk(eff.abs().reshape(-1), k=min(5, eff.numel())).indices
         cells = self.cells()
-        best = ", ".join(f"{cells[int(i)]}: {float(eff.reshape(-1)[int(i)]):+.3f}" for i in top)
+        best = ", ".join(f"{self.cell_name(cells[int(i)])}: {float(eff.reshape(-1)[int(i)]):+.3f}" for i in top)
         return (
             f"{self.method} patching of {self.activation}, {self.direction}, grid {self.axis_names} "
             f"{list(self.grid_shape)}, batch {self.patched_logit_diff.shape[-1]}; clean LD "

@@ -180,8 +180,21 @@ def training_batch(
     every token of repeated segments; the answer of few-shot ones, and the (unflipped) demo labels of
     ``rule`` and ``recorded`` sequences (a ``bound`` demo label is a fresh draw nobody can predict).
     """
+    ids, mask, _ = labelled_training_batch(rng, cfg, batch_size, repeat_only=repeat_only)
+    return ids, mask
+
+
+def labelled_training_batch(
+    rng: np.random.Generator, cfg: CorpusConfig, batch_size: int, *, repeat_only: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """:func:`training_batch` plus each sequence's kind (``"repeat"`` or its family), ``[batch]``.
+
+    Draws exactly what :func:`training_batch` draws from ``rng`` (it is the same code), so a training
+    loop may use either and the corpus stays the same.
+    """
     ids = torch.full((batch_size, cfg.n_ctx), TOKEN_ID[PAD], dtype=torch.long)
     mask = torch.zeros((batch_size, cfg.n_ctx), dtype=torch.bool)
+    kinds: list[str] = []
     shares = np.asarray(cfg.family_shares, dtype=float) / sum(cfg.family_shares)
     max_demos = min(cfg.max_demos, (cfg.n_ctx - 4) // 4)
     for b in range(batch_size):
@@ -189,6 +202,7 @@ def training_batch(
             toks = repeated_segment(rng, cfg)
             ids[b, : len(toks)] = torch.tensor(encode(toks))
             mask[b, 1 : len(toks)] = True
+            kinds.append("repeat")
             continue
         family = FAMILIES[int(rng.choice(len(FAMILIES), p=shares))]
         ep = sample_episode(rng, cfg, family, int(rng.integers(cfg.min_demos, max_demos + 1)))
@@ -198,4 +212,5 @@ def training_batch(
             for i, flip in enumerate(ep.flipped):
                 mask[b, 1 + 4 * i + 2] = not flip  # label position of demo i
         mask[b, len(toks) - 1] = True
-    return ids, mask
+        kinds.append(family)
+    return ids, mask, tuple(kinds)

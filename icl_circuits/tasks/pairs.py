@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from icl_circuits.errors import TaskError, TokenizationError
-from icl_circuits.models import require_tokenizer
+from icl_circuits.models import bos_offset, require_tokenizer
 from icl_circuits.tasks.prompts import (
     CheckedTask,
     check_length,
@@ -85,7 +85,7 @@ class _Row:
 
 
 def _label_spans(model: Any, example: FewShot, template: Template) -> list[tuple[int, int]]:
-    """Token ``[start, end)`` of each demo label in the rendered prompt (BOS counted)."""
+    """Token ``[start, end)`` of each demo label in the rendered prompt (a BOS counted when the model uses one)."""
     spans = []
     for j, d in enumerate(example.demos):
         head = template.demo_block(example.demos[:j])
@@ -156,11 +156,11 @@ def _corrupt(
     prompt, clean, answer, contrast = render_prompt(model, example, checked)
     check_length(model, clean, checked.task.name, example.n_shots)
     if filler_id is not None:
-        lo = len(encode(model, tpl.prefix)) if tpl.prefix else 1
+        lo = len(encode(model, tpl.prefix)) if tpl.prefix else bos_offset(model)
         hi = len(encode(model, tpl.demo_block(example.demos)))
         corrupt = clean[:lo] + [filler_id] * (hi - lo) + clean[hi:]
         allowed = [lo <= p < hi for p in range(len(clean))]
-        corrupt_text = require_tokenizer(model).decode(corrupt[1:])
+        corrupt_text = require_tokenizer(model).decode(corrupt[bos_offset(model) :])
     else:
         if other is not None:
             bad = _other_labels(example, other, length, rng)

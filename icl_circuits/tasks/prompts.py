@@ -24,16 +24,19 @@ import numpy as np
 import torch
 
 from icl_circuits.errors import PromptTooLongError, TaskError, TokenizationError
-from icl_circuits.models import model_info, require_tokenizer
+from icl_circuits.models import model_info, require_tokenizer, uses_bos
 from icl_circuits.tasks.registry import FewShot, Pair, SubstitutedTask, Task, Template
 
 # ---------------------------------------------------------------- tokenization
 
 
 def encode(model: Any, text: str) -> list[int]:
-    """BOS + the tokens of ``text`` with the model's tokenizer, never truncated."""
+    """The tokens of ``text`` with the model's tokenizer, never truncated, after a BOS when the model's
+    prompts start with one (:func:`~icl_circuits.models.uses_bos`: a per-model setting)."""
     require_tokenizer(model, "building prompts from text")
-    return model.to_tokens(text, prepend_bos=True, truncate=False, move_to_device=False)[0].tolist()
+    if not text and not uses_bos(model):
+        return []
+    return model.to_tokens(text, prepend_bos=uses_bos(model), truncate=False, move_to_device=False)[0].tolist()
 
 
 def continuation_ids(model: Any, prompt: str, continuation: str) -> list[int]:

@@ -17,6 +17,14 @@ each prompt and the query is one of the demo inputs: the "A -> B, C -> D, A -> ?
 new labels in context. Names: ``get_task("antonym:substituted")`` gives the substituted variant of
 any registered task.
 
+:class:`ArbitraryMapTask` is a task no pretrained model can have seen: a fixed random function from
+one task file's inputs to unrelated labels, drawn once from a seed (``arbitrary-country-word``:
+country -> an English word; ``arbitrary-word-symbol``: English word -> a letter or digit). No rule
+links input and label, so the only way to answer is to read the query's own pair from the demos: by
+default the query is one of the demos (zero shots: accuracy at chance; it rises with shots as far as
+the model binds in context). With ``query_in_demos=False`` the query is never among the demos and
+accuracy must stay at chance at any number of shots -- the check that the map is unseen.
+
 Every draw takes an explicit ``numpy.random.Generator``; nothing here touches a global RNG.
 """
 
@@ -161,7 +169,7 @@ class Task(ABC):
             raise TaskError(f"n_shots must be a non-negative integer, got {n_shots!r}")
         if n_shots > self.max_shots:
             raise TaskError(
-                f"task {self.name!r}: n_shots={n_shots} needs more pairs than available "
+                f"task {self.name!r}: shots={n_shots} needs more pairs than available "
                 f"(at most {self.max_shots} shots{'' if self.size is None else f' from {self.size} pairs'})"
             )
 
@@ -365,6 +373,88 @@ class SubstitutedTask(Task):
         return None if self._fixed is None or y is None else self._fixed.get(y)
 
 
+class ArbitraryMapTask(PairTask):
+    """Pairs ``input -> f(input)`` with ``f`` a random function fixed by ``map_seed`` (module doc).
+
+    ``inputs`` are kept in order; ``labels`` are drawn without replacement when there are at least as
+    many as inputs (an injective map), else with replacement. ``query_in_demos``: the query is one of
+    the demos (re-drawn among them) whenever there is at least one demo.
+    """
+
+    kind = "arbitrary"
+
+    def __init__(
+        self,
+        name: str,
+        inputs: Sequence[str],
+        labels: Sequence[str],
+        *,
+        map_seed: int = 0,
+        query_in_demos: bool = True,
+        description: str = "",
+        template: Template = LM_TEMPLATE,
+        _pairs: Sequence[Pair] | None = None,
+    ) -> None:
+        if _pairs is None:
+            inputs, pool = list(dict.fromkeys(inputs)), list(dict.fromkeys(labels))
+            if len(pool) < 2:
+                raise TaskError(f"task {name!r} needs at least 2 distinct labels, got {pool}")
+            rng = np.random.default_rng(map_seed)
+            idx = rng.choice(len(pool), size=len(inputs), replace=len(pool) < len(inputs))
+            _pairs = [Pair(x, pool[int(j)]) for x, j in zip(inputs, idx)]
+        self.map_seed, self.query_in_demos = map_seed, query_in_demos
+        where = "the query among the demos" if query_in_demos else "the query never among the demos"
+        description = description or f"{len(_pairs)} arbitrary pairs (seed {map_seed}), {where}"
+        super().__init__(name, _pairs, template=template, description=description)
+
+    @property
+    def max_shots(self) -> int:
+        return len(self.pairs) if self.query_in_demos else len(self.pairs) - 1
+
+    def draw(self, rng: np.random.Generator, n_shots: int) -> FewShot:
+        if not self.query_in_demos or n_shots == 0:
+            return super().draw(rng, n_shots)
+        self.check_shots(n_shots)
+        demos = tuple(self.pairs[int(i)] for i in rng.choice(len(self.pairs), size=n_shots, replace=False))
+        return FewShot(demos, demos[int(rng.integers(n_shots))])
+
+    def without_labels(self, drop: frozenset[str]) -> ArbitraryMapTask:
+        kept = [p for p in self.pairs if p.output not in drop]
+        if len(kept) < 2:
+            raise TaskError(f"task {self.name!r}: only {len(kept)} of {len(self.pairs)} pairs left after dropping "
+                            "labels that collide at their first token")  # fmt: skip
+        return ArbitraryMapTask(self.name, [], [], map_seed=self.map_seed, query_in_demos=self.query_in_demos,
+                                description=self.description, template=self.template, _pairs=kept)  # fmt: skip
+
+    def with_query_in_demos(self, query_in_demos: bool) -> ArbitraryMapTask:
+        """The same map with the query among the demos or never among them (the unseen-map control)."""
+        return ArbitraryMapTask(self.name, [], [], map_seed=self.map_seed, query_in_demos=query_in_demos,
+                                template=self.template, _pairs=self.pairs)  # fmt: skip
+
+
+def arbitrary_tasks(files: dict[str, PairTask], map_seed: int = 0) -> dict[str, ArbitraryMapTask]:
+    """The unseen tasks, built from the task files ``files`` (the ones they need must be present):
+    ``arbitrary-country-word`` (country-capital's inputs -> antonym's words) and ``arbitrary-word-symbol``
+    (antonym's inputs -> A..Z, 0..9)."""
+    out: list[ArbitraryMapTask] = []
+    if "country-capital" in files and "antonym" in files:
+        words = [w for p in files["antonym"].pairs for w in (p.input, p.output)]
+        out.append(ArbitraryMapTask(
+            "arbitrary-country-word", [p.input for p in files["country-capital"].pairs], words, map_seed=map_seed,
+            description=f"country -> an unrelated English word, a random map (seed {map_seed}); query among the demos",
+        ))  # fmt: skip
+    if "antonym" in files:
+        out.append(ArbitraryMapTask(
+            "arbitrary-word-symbol", [p.input for p in files["antonym"].pairs], DEFAULT_SYMBOLS, map_seed=map_seed,
+            description=f"English word -> a letter or digit, a random map (seed {map_seed}); query among the demos",
+        ))  # fmt: skip
+    return {t.name: t for t in out}
+
+
+#: The registered tasks that no model can have seen in training (their labels are a seeded random map).
+UNSEEN_TASKS: tuple[str, ...] = ("arbitrary-country-word", "arbitrary-word-symbol")
+
+
 def substitution_map(labels: Sequence[str], symbols: Sequence[str], rng: np.random.Generator) -> dict[str, str]:
     """An injective map of the distinct ``labels`` onto randomly chosen distinct ``symbols``."""
     distinct = list(dict.fromkeys(labels))
@@ -450,20 +540,27 @@ def corpus_config_for(model: Any) -> corpus.CorpusConfig:
 
 
 def all_tasks(model: Any = None) -> dict[str, Task]:
-    """Every registered task: the task files, then the fixture tasks (for ``model``'s corpus)."""
-    return {**file_tasks(), **fixture_tasks(corpus_config_for(model))}
+    """Every registered task: the task files, the arbitrary-map (unseen) tasks built from them, then the
+    fixture tasks (for ``model``'s corpus)."""
+    files = file_tasks()
+    return {**files, **arbitrary_tasks(files), **fixture_tasks(corpus_config_for(model))}
 
 
 _SHIFT = re.compile(r"fixture-rule-shift(\d+)")
 
 
-def get_task(name: str, model: Any = None) -> Task:
+def get_task(name: str | Task, model: Any = None) -> Task:
     """The task called ``name``; ``NAME:substituted`` for its label-substituted variant;
-    ``fixture-rule-shiftN`` for any shift N; a path to a ``.json`` file for a task file.
+    ``fixture-rule-shiftN`` for any shift N; a path to a ``.json`` file for a task file; a :class:`Task`
+    is returned as it is (so every function taking a task accepts a name or a ``Task``).
 
     Raises:
         TaskError: for an unknown name, listing the known ones.
     """
+    if isinstance(name, Task):
+        return name
+    if not isinstance(name, str):
+        raise TaskError(f"a task is a name or a Task, got {type(name).__name__}")
     if name.endswith(SUBSTITUTED_SUFFIX):
         return SubstitutedTask(get_task(name[: -len(SUBSTITUTED_SUFFIX)], model))
     if name.endswith(".json") and Path(name).is_file():

@@ -1,7 +1,8 @@
 """Token roles of few-shot prompts: which demo each position belongs to and what it is.
 
 A prompt ``[BOS] prefix k1 -> v1 SEP k2 -> v2 SEP ... kq ->`` is labelled position by position with
-one of :data:`ROLE_NAMES`: ``template`` (BOS and the template prefix), ``demo_key``, ``demo_arrow``,
+one of :data:`ROLE_NAMES`: ``template`` (the BOS, when the model's prompts have one, and the template
+prefix), ``demo_key``, ``demo_arrow``,
 ``demo_label``, ``demo_sep`` (each with the index of its demo), ``query_key``, ``query_arrow`` (the
 answer position). Multi-token keys and labels get the role of every one of their tokens.
 
@@ -128,6 +129,7 @@ def roles_from_prompts(model: Any, prompts: Any, template: Any) -> PromptRoles:
         TokenizationError: a cut whose tokens are not a prefix of the prompt's tokens (a piece
             merged with its neighbour), so positions cannot be assigned to one role.
     """
+    from icl_circuits.models import bos_offset
     from icl_circuits.tasks.prompts import encode, pad_right, pad_token_id
 
     tokens, last = pad_right(prompts.tokens, pad_token_id(model))
@@ -140,7 +142,7 @@ def roles_from_prompts(model: Any, prompts: Any, template: Any) -> PromptRoles:
         for i, d in enumerate(ex.demos):
             texts += [(d.input, 1, i), (arrow, 2, i), (lead + d.output, 3, i), (template.demo_sep, 4, i)]
         texts += [(ex.query.input, 5, -1), (arrow, 6, -1)]
-        text, pieces = "", [(1, 0, -1)]  # BOS
+        text, pieces = "", [(bos_offset(model), 0, -1)]  # the BOS, if the model's prompts have one
         for piece, role, idx in texts:
             text += piece
             ids = encode(model, text)

@@ -19,6 +19,7 @@ Cost: one forward per ``batch_size`` prompts; the full-vocabulary logits of a ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 
 from icl_circuits.errors import InputError, TaskError
 from icl_circuits.models import model_info
+from icl_circuits.results import Result
 from icl_circuits.tasks.prompts import PromptSet, build_prompts, check_task, pad_right, pad_token_id
 from icl_circuits.tasks.registry import SubstitutedTask, Task, Template, get_task
 
@@ -130,6 +132,20 @@ def label_log_probs(final: torch.Tensor, label_ids: torch.Tensor) -> torch.Tenso
     return final[:, label_ids.long()].log_softmax(-1)
 
 
+def at_chance(accuracy: float | None, chance: float, n: int, z: float = 2.0) -> bool:
+    """True when ``accuracy`` over ``n`` prompts is no better than ``chance``: at most ``z`` binomial standard
+    errors above it, ``accuracy <= chance + z * sqrt(chance * (1 - chance) / n)`` (``None``: not measured, True).
+
+    Readings use it to say only what the numbers support: at chance there is no in-context update whose
+    shrink (beta, :func:`shrink_coefficient`) could be read.
+    """
+    if accuracy is None:
+        return True
+    if n < 1 or not 0.0 <= chance <= 1.0:
+        raise InputError(f"need n >= 1 and chance in [0, 1], got n={n}, chance={chance}")
+    return float(accuracy) <= chance + z * math.sqrt(chance * (1.0 - chance) / n)
+
+
 def shrink_coefficient(
     logits: torch.Tensor, logits_clean: torch.Tensor, logits_zero: torch.Tensor, labels: torch.Tensor | None = None
 ) -> float:
@@ -183,7 +199,7 @@ def score_prompts(model: Any, prompts: PromptSet, *, batch_size: int = 16) -> Sc
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(Result):
     """Accuracy (and rank, logit difference, probability) of one task by number of shots."""
 
     model: str
@@ -195,6 +211,8 @@ class Evaluation:
     dropped_labels: tuple[str, ...] = ()
     n_dropped_pairs: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+
+    title = "Evaluation"
 
     def accuracy(self, shots: int) -> float:
         for r in self.rows:
@@ -251,8 +269,7 @@ def evaluate(
         TaskError: unknown task, shots above the pairs available, too few pairs after tokenization.
         PromptTooLongError: a prompt longer than the model's context.
     """
-    if isinstance(task, str):
-        task = get_task(task, model)
+    task = get_task(task, model)
     if substitute is not False:
         task = SubstitutedTask(task) if substitute is True else SubstitutedTask(task, list(substitute))
     if not shots:

@@ -15,4 +15,10 @@ def test_record_vs_circuit_collects_all_and_writes_each_part(fixture_like, tmp_p
     assert [p.name for p in r.parts] == [n for n in ANALYSES if n != "record-vs-circuit"]
     assert len(r.rows()) == 6 and all(row["reading"] for row in r.rows())
     save_analysis(r, model, tmp_path, seed=0)
-    assert {p.stem for p in tmp_path.glob("*.html")} == {n.replace("-", "_") for n in ANALYSES}
+    assert {p.stem for p in tmp_path.glob("*.json")} == {n.replace("-", "_") for n in ANALYSES}
+    assert [p.name for p in tmp_path.glob("*.html")] == ["record_vs_circuit.html"]  # one page, one plotly.js
+    page = (tmp_path / "record_vs_circuit.html").read_text()
+    assert page.count("<script type=\"text/javascript\">") == 1
+    for part in r.parts:  # every part's sections are on the page, each part reachable by a link
+        assert f'id="{part.name}"' in page and f'href="#{part.name}"' in page
+        assert all(s.title in page for s in part.sections())

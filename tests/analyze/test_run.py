@@ -39,7 +39,7 @@ def test_analysis_runs_saves_and_reads_its_numbers(name, fixture_like, tmp_path)
     model, _ = fixture_like
     result = ANALYSES[name].run(model, seed=3, progress=False, **SMALL[name])
     assert isinstance(result, Analysis) and result.name == name and result.seed == 3
-    assert len(result.to_dataframe()) > 0 and len(result.plot()) >= 1
+    assert len(result.to_dataframe()) > 0 and len(result.figures()) >= 1
     assert all(s.title and s.body for s in result.sections())
     assert "<h4>" in result._repr_html_()
     findings = result.findings()
@@ -151,3 +151,21 @@ def test_tour_notebook_executes(fixture_like, tmp_path, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert errors == []
     assert len(list((tmp_path / "tour").glob("*.html"))) == 6
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["information-flow", "repetition"])
+def test_cli_analyze_on_the_loaded_real_model(smollm2, name, tmp_path, capsys):
+    """``icl-circuits analyze NAME`` in-process on SmolLM2 (``main(..., model=...)``: no reload): real-language
+    tasks picked for the model, JSON + offline HTML written, a computed reading printed."""
+    from icl_circuits.cli import main
+
+    argv = ["analyze", name, "--model", "smollm2-135m", "--n", "3", "--out", str(tmp_path)]
+    assert main(argv, model=smollm2) == 0
+    stem = name.replace("-", "_")
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert data["model"] == "smollm2-135m" and data["provenance"]["args"]["n"] == 3
+    tasks = {r["task"] for r in data.get("rows", data.get("task_rows", []))} or set(data.get("tasks", []))
+    assert tasks and not any(t.startswith("fixture-") for t in tasks), data.keys()
+    assert '<script src="http' not in (tmp_path / f"{stem}.html").read_text()
+    assert data["findings"]["reading"] and data["findings"]["reading"].split()[0] in capsys.readouterr().out

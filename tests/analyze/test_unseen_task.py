@@ -7,6 +7,7 @@ import pytest
 from icl_circuits.analyze import ANALYSES
 from icl_circuits.analyze.unseen_task import classify
 from icl_circuits.tasks import corpus
+from icl_circuits.tasks.registry import UNSEEN_TASKS
 
 
 @pytest.mark.unit
@@ -14,6 +15,7 @@ def test_classify_seen_and_unseen():
     cfg = corpus.CorpusConfig()
     assert classify("fixture-rule-shift2", cfg) == "seen" and classify("fixture-rule-shift7", cfg) == "unseen"
     assert classify("antonym:substituted", cfg) == "unseen" and classify("antonym", cfg) == "seen"
+    assert all(classify(name, cfg) == "unseen" for name in UNSEEN_TASKS)
 
 
 @pytest.mark.fixture

@@ -42,7 +42,7 @@ def _plain_probs(model, tokens, answers, positions, patch=None):
 def test_indirect_effects_match_one_plain_run_per_head(ind2l):
     """Todd et al.'s CIE recomputed head by head with run_with_hooks, for two fixture tasks."""
     tasks = [get_task("fixture-bound", ind2l), get_task("fixture-recorded0", ind2l)]
-    fv = function_vector_heads(ind2l, tasks, n_shots=4, n=5, seed=1, max_rows=10)  # 2 heads per tiled forward
+    fv = function_vector_heads(ind2l, tasks, shots=4, n=5, seed=1, max_rows=10)  # 2 heads per tiled forward
     assert fv.tasks == ("fixture-bound", "fixture-recorded0") and fv.cie_per_prompt.shape == (2, 2, 4, 5)
     for t, task in enumerate(tasks):
         pairs = patching_batch(ind2l, task, 4, 5, 1, corruption="shuffled_labels")

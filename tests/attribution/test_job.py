@@ -16,8 +16,8 @@ from tests.helpers import load_fixture
 
 @pytest.mark.fixture
 def test_attribution_json_allows_independent_recomputation(ind2l):
-    att = attribute(ind2l, get_task("fixture-bound", ind2l), n_shots=5, n=6, seed=3, paths=False, progress=False)
-    doc = att.to_json_dict()
+    att = attribute(ind2l, get_task("fixture-bound", ind2l), shots=5, n=6, seed=3, paths=False, progress=False)
+    doc = att.to_dict()
     for key in ("model", "task", "method", "metric", "clean_tokens", "corrupted_tokens", "answer_tokens",
                 "contrast_tokens", "clean_metric", "corrupted_metric", "heads", "positions", "methods", "correlations"):
         assert key in doc, key
@@ -56,8 +56,8 @@ def test_attribution_json_allows_independent_recomputation(ind2l):
 @pytest.mark.fixture
 def test_single_method_and_bad_method(ind2l):
     task = get_task("fixture-bound", ind2l)
-    att = attribute(ind2l, task, n_shots=4, n=4, method="atp", positions=True, paths=False, progress=False)
-    doc = att.to_json_dict()
+    att = attribute(ind2l, task, shots=4, n=4, method="atp", positions=True, paths=False, progress=False)
+    doc = att.to_dict()
     assert doc["method"] == "atp" and "methods" not in doc and "positions" not in doc  # positions need exact patching
     with pytest.raises(InputError, match="method must be one of"):
         attribute(ind2l, task, method="ig")
@@ -87,7 +87,7 @@ def test_cli_writes_json_and_offline_html(tmp_path, capsys):
 @pytest.mark.fixture
 def test_icl_tiny_top_heads_include_its_induction_heads_and_read_the_matching_demo():
     model = load_fixture("icl-tiny")
-    att = attribute(model, get_task("fixture-bound", model), n_shots=8, n=32, method="patching", positions=False,
+    att = attribute(model, get_task("fixture-bound", model), shots=8, n=32, method="patching", positions=False,
                     paths=False, progress=False)  # fmt: skip
     ov = att.induction_overlap()
     assert att.induction_heads, "head-scan found no induction head in icl-tiny"
@@ -108,7 +108,7 @@ def test_icl_tiny_top_heads_include_its_induction_heads_and_read_the_matching_de
 
 @pytest.mark.fixture
 def test_atp_star_effects_are_the_normalised_magnitudes(ind2l):
-    att = attribute(ind2l, get_task("fixture-bound", ind2l), n_shots=4, n=6, method="atp*", positions=False,
+    att = attribute(ind2l, get_task("fixture-bound", ind2l), shots=4, n=6, method="atp*", positions=False,
                     paths=False, progress=False)  # fmt: skip
     eff = att.heads["atp*"].effect()
     gap = att.heads["atp*"].clean_logit_diff - att.heads["atp*"].corrupted_logit_diff

@@ -140,7 +140,7 @@ def test_summary_readout_and_plots(fixture_shaped):
     assert res.heads == ((1, 0), (0, 2)) and len(res.rows[0]["singular_values"]) == 8
     tv = fw.task_vector(dec, [(0, 2)])
     assert torch.allclose(tv, dec.demo_part[:, 1].mean(0))
-    figs = res.plot()
+    figs = res.figures()
     assert len(figs) == 3 and all(isinstance(f, go.Figure) for f in figs)
     assert "Fast weights" in res._repr_html_() and set(res.to_dataframe()["layer"]) == {0, 1}
     with pytest.raises(InputError):

@@ -21,10 +21,11 @@ def test_predictions_equal_a_recomputation_from_plain_forwards(fixture_shaped):
     from icl_circuits.tasks.roles import render_examples
 
     m, heads, seed = fixture_shaped, [(1, 0)], 2
-    p = measure_predictions(m, "fixture-recorded0", 4, heads, n_prompts=6, repeats=(1, 2, 4), noise=(0.0, 0.5),
+    p = measure_predictions(m, "fixture-recorded0", 4, heads, n=6, repeats=(1, 2, 4), noise=(0.0, 0.5),
                             n_orders=2, seed=seed)  # fmt: skip
-    assert [r["repeat"] for r in p.repetition] == [1, 2] and p.skipped == ("repeat=4: prompt longer than the context",)
-    assert len(p.plot()) == 3 and set(p.to_dataframe()["experiment"]) == {"repetition", "noise", "order"}
+    assert [r["repeat"] for r in p.repetition] == [1, 2] and len(p.skipped) == 1
+    assert p.skipped[0].startswith("repeating the demos r = 4 times: the prompts exceed the model's context")
+    assert len(p.figures()) == 3 and set(p.to_dataframe()["experiment"]) == {"repetition", "noise", "order"}
 
     checked = check_task(m, get_task("fixture-recorded0", m))
     rng, manip = np.random.default_rng(seed), np.random.default_rng([seed, 1])

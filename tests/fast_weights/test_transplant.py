@@ -150,18 +150,18 @@ def test_logits_with_fast_weight_cleans_up(fixture_shaped):
 def test_transplant_runs_with_controls(fixture_shaped):
     from icl_circuits.fast_weights.transplant import transplant_test
 
-    res = transplant_test(fixture_shaped, "fixture-recorded0", 3, n_prompts=8, n_random=2, layers=[0, 2])
+    res = transplant_test(fixture_shaped, "fixture-recorded0", 3, n=8, n_random=2, layers=[0, 2])
     assert res.n_test == 26 and len(res.layers) == 2 and all(x in (0, 2) for x in res.layers)
     d = res.to_dict()
     assert {"zero_shot_acc", "with_vector_acc", "random_control_acc", "shuffled_control_acc"} <= set(d)
     assert {"with_fast_weight_acc", "random_control_acc", "shuffled_control_acc", "softmax_memory_acc",
             "acc_by_rank", "acc_by_layer"} <= set(d["fast_weight"])  # fmt: skip
     assert [r for r, _ in res.by_rank] == [0, 1, 2, 4, 8] and [l for l, _ in res.by_layer] == [0, 1]
-    assert len(res.sweep) == 4 and len(res.plot()) == 4
+    assert len(res.sweep) == 4 and len(res.figures()) == 4
     with pytest.raises(TaskError, match="need 14"):
-        transplant_test(fixture_shaped, "fixture-recorded0", 13, n_prompts=4)
+        transplant_test(fixture_shaped, "fixture-recorded0", 13, n=4)
     with pytest.raises(TaskError, match="fixed input"):
-        transplant_test(fixture_shaped, "fixture-bound", 3, n_prompts=4)
+        transplant_test(fixture_shaped, "fixture-bound", 3, n=4)
     with pytest.raises(TaskError, match="shots >= 2"):
         transplant_test(fixture_shaped, "fixture-recorded0", 1)
 
@@ -180,7 +180,7 @@ def test_icl_tiny_fast_weight_transplant_does_the_rule_family():
     model = load_model("fixture:icl-tiny", device="cpu")
     by_rank = []
     for shift in range(1, 6):
-        res = transplant_test(model, f"fixture-rule-shift{shift}", 8, n_heads=4, n_prompts=64, seed=0)
+        res = transplant_test(model, f"fixture-rule-shift{shift}", 8, n_heads=4, n=64, seed=0)
         controls = (res.zero_shot_acc, res.fast_weight_random_acc, res.fast_weight_shuffled_acc)
         assert res.fast_weight_acc >= max(controls) + 0.3, (shift, res.fast_weight_acc, controls)
         by_rank.append(dict(res.by_rank))

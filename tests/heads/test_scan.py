@@ -35,10 +35,11 @@ def test_scan_is_seeded_and_leaves_no_hooks(tiny_gpt2):
     for m in ("induction", "prefix_matching", "ablation", "copying"):
         assert torch.equal(a.scores[m], b.scores[m])
     assert not torch.equal(a.scores["induction"], c.scores["induction"])
-    assert c.score("ablation", 0, 0) is None and "ablation" not in c.plot()
+    assert c.score("ablation", 0, 0) is None and "ablation" not in c.heatmaps()
     df = a.to_dataframe()
     assert len(df) == 8 and list(df["induction"]) == sorted(df["induction"], reverse=True)
-    assert set(a.plot()) == {"induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation"}
+    metrics = {"induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation"}
+    assert set(a.heatmaps()) == metrics and len(a.plot().data) == len(metrics)
     assert "<table" in a._repr_html_()
 
 

@@ -8,6 +8,7 @@ import torch
 
 from icl_circuits import InputError
 from icl_circuits.heads import scores as hd
+from icl_circuits.models import bos_offset, model_info
 
 
 def _random_patterns(batch: int, heads: int, pos: int, seed: int = 0) -> torch.Tensor:
@@ -18,7 +19,8 @@ def _random_patterns(batch: int, heads: int, pos: int, seed: int = 0) -> torch.T
 
 
 def _texts(model, tokens: torch.Tensor) -> list[str]:
-    texts = [" ".join(model.tokenizer.convert_ids_to_tokens(row[1:].tolist())) for row in tokens]
+    o = bos_offset(model)
+    texts = [" ".join(model.tokenizer.convert_ids_to_tokens(row[o:].tolist())) for row in tokens]
     for text, row in zip(texts, tokens):
         assert model.to_tokens(text)[0].tolist() == row.tolist()  # same ids reach detect_head
     return texts
@@ -31,13 +33,13 @@ def _check_against_detect_head(model, n: int) -> torch.Tensor:
     tokens = hd.repeated_random_tokens(model, 3, n, torch.Generator().manual_seed(1))
     prefix = hd.repeated_random_tokens(model, 3, n, torch.Generator().manual_seed(2))
     texts = _texts(model, tokens)
-    rows = 2 * n + 1  # detect_head divides by the sum of the whole pattern: one per row
+    rows = 2 * n + bos_offset(model)  # detect_head divides by the sum of the whole pattern: one per row
     for i, text in enumerate(texts):
         ours, _ = hd.attention_scores(model, tokens[i : i + 1], n, prefix, 2)
         assert torch.allclose(ours["induction"], detect_head(model, text, "induction_head") * rows / n, atol=1e-5)
         assert torch.allclose(ours["duplicate_token"], detect_head(model, text, "duplicate_token_head") * rows / n,
                               atol=1e-5)
-        prev = detect_head(model, text, "previous_token_head") * rows / (2 * n)
+        prev = detect_head(model, text, "previous_token_head") * rows / (rows - 1)  # queries q >= 1
         assert torch.allclose(ours["previous_token"], prev, atol=1e-5)
     ours, _ = hd.attention_scores(model, tokens, n, prefix, 2)
     batch_mean = detect_head(model, texts, "induction_head") * rows / n  # the list path averages sequences
@@ -76,10 +78,12 @@ def test_scores_of_an_ideal_induction_pattern():
 
 @pytest.mark.unit
 def test_scores_reject_a_pattern_of_the_wrong_length():
-    with pytest.raises(InputError, match=r"\[batch, head, 21, 21\]"):
-        hd.induction_score(torch.zeros(1, 1, 20, 20), 10)
+    with pytest.raises(InputError, match=r"has 20 tokens \(\+1 with a BOS\), got 19"):
+        hd.induction_score(torch.zeros(1, 1, 19, 19), 10)
     with pytest.raises(InputError, match="3 copies"):
         hd.prefix_matching_score(torch.zeros(1, 1, 20, 20), 10, 3)
+    with pytest.raises(InputError, match=r"\[batch, head, pos, pos\]"):
+        hd.induction_score(torch.zeros(1, 1, 21, 20), 10)
 
 
 @pytest.mark.fixture
@@ -103,3 +107,28 @@ def test_in_context_losses_match_loss_per_token(tiny_gpt2):
     early, late = hd.in_context_losses(logits, tokens, n)
     assert torch.allclose(early, per_token[:, 1:n].mean(1), atol=1e-5)
     assert torch.allclose(late, per_token[:, n + 1 : 2 * n].mean(1), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_no_bos(tiny_gpt2_dir):
+    from icl_circuits import load_model
+
+    return load_model(str(tiny_gpt2_dir), device="cpu", prepend_bos=False)
+
+
+@pytest.mark.fixture
+def test_a_model_without_bos_gets_rr_without_bos_and_scores_match_detect_head(tiny_gpt2_no_bos):
+    """``prepend_bos=False``: ``[r, r]`` with no BOS; every score against detect_head (which tokenizes with the
+    bridge's ``default_prepend_bos``, so it sees the same ids) and the losses against ``loss_per_token``."""
+    model, n = tiny_gpt2_no_bos, 9
+    assert model_info(model).prepend_bos is False and model_info(model).bos_source == "set by the user"
+    tokens = hd.repeated_random_tokens(model, 4, n, torch.Generator().manual_seed(3))
+    assert tokens.shape == (4, 2 * n) and not (tokens == model.tokenizer.bos_token_id).any()
+    assert torch.equal(tokens[:, :n], tokens[:, n:])
+    _check_against_detect_head(model, n)
+    with torch.no_grad():
+        logits = model(tokens)
+        per_token = model(tokens, return_type="loss", loss_per_token=True)  # [batch, pos - 1]
+    early, late = hd.in_context_losses(logits, tokens, n)
+    assert torch.allclose(early, per_token[:, : n - 1].mean(1), atol=1e-5)  # targets r[1..n-1], first copy
+    assert torch.allclose(late, per_token[:, n : 2 * n - 1].mean(1), atol=1e-5)  # second copy

@@ -189,7 +189,7 @@ def test_bad_input_raises_with_the_reason(model):
         ab.mean_ablation_sweep(model, tokens, metric, max_rows=0)
     with pytest.raises(InputError, match=r"answer_ids/contrast_ids must be \[5\]"):
         ab.LogitDiff(answers[:3], contrasts, torch.zeros(5, dtype=torch.long))
-    with pytest.raises(InputError, match=r"tokens \[batch, 1 \+ 2 \* seq_len\]"):
+    with pytest.raises(InputError, match=r"tokens \[batch, \(1 \+\) 2 \* seq_len\].*got seq_len=6, tokens \[5, 10\]"):
         ab.InContextGain(tokens, 6)
     with pytest.raises(InputError, match="no mean activations for layers"):
         ab.ablation_hooks([(2, 0)], {0: torch.zeros(3, 4, 8)})

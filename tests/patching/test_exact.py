@@ -162,4 +162,6 @@ def test_dataframe_plot_and_html_show_the_numbers():
     np.testing.assert_allclose(long["normalised"].to_numpy(), e.per_example().reshape(-1).numpy(), rtol=1e-6)
     fig = e.plot()
     np.testing.assert_allclose(np.asarray(fig.data[0].z), e.effect().numpy(), rtol=1e-6)
+    assert list(fig.data[0].x) == [f"H{h}" for h in range(3)] and list(fig.data[0].y) == ["L0", "L1"]
+    assert fig.layout.xaxis.type == "category" and "L" in e.summary() and "(0, " not in e.summary()
     assert "icl-table" in e._repr_html_()

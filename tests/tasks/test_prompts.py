@@ -81,7 +81,7 @@ def test_zero_shot_and_repeat(fixture_like):
 @pytest.mark.fixture
 def test_shots_above_pairs_and_prompt_too_long(fixture_like):
     small = PairTask("small", [Pair(k, v) for k, v in zip("abcde", "fghij")], template=Template(demo_sep=" ; "))
-    with pytest.raises(TaskError, match="n_shots=5 needs more pairs than available.*at most 4 shots from 5 pairs"):
+    with pytest.raises(TaskError, match="shots=5 needs more pairs than available.*at most 4 shots from 5 pairs"):
         build_prompts(fixture_like, small, 5, 2)
     with pytest.raises(PromptTooLongError, match="67-token prompt, longer than the context.*64"):
         build_prompts(fixture_like, get_task("fixture-rule"), 16, 2)

@@ -66,3 +66,25 @@ def test_multi_token_arrow_and_separator_by_hand():
         roles_from_tokens(
             torch.tensor([[0, 11, 20, *MULTI_SEP, 14, *MULTI_ARROW]]), arrow_id=MULTI_ARROW, sep_id=MULTI_SEP
         )
+
+
+@pytest.mark.fixture
+def test_roles_of_a_model_without_bos(fixture_like):
+    """``prepend_bos=False``: prompts lose exactly the BOS, and roles from cutting the text agree with
+    an independent parse of the ids (``roles_from_tokens`` with no prefix) and with the BOS model's shifted."""
+    from icl_circuits import load_model
+    from icl_circuits.models import model_info
+    from icl_circuits.tasks.prompts import build_prompts, pad_right
+    from icl_circuits.tasks.registry import get_task
+
+    bare = load_model(model_info(fixture_like).spec, device="cpu", prepend_bos="no")
+    task = get_task("fixture-recorded0", fixture_like)
+    with_bos, without = build_prompts(fixture_like, task, 3, 4, seed=1), build_prompts(bare, task, 3, 4, seed=1)
+    assert all(a[0] == 0 and a[1:] == b for a, b in zip(with_bos.tokens, without.tokens))
+    tokens, last = pad_right(without.tokens, 1)
+    a = rl.roles_from_prompts(bare, without, task.template)
+    b = rl.roles_from_tokens(tokens, arrow_id=ARROW, sep_id=SEP, last_positions=last, prefix_len=0)
+    ref = rl.roles_from_prompts(fixture_like, with_bos, task.template)
+    assert torch.equal(a.roles, b.roles) and torch.equal(a.demo_index, b.demo_index)
+    assert torch.equal(a.roles, ref.roles[:, 1:]) and torch.equal(a.last_positions, ref.last_positions - 1)
+    assert a.roles[0, 0].item() == ROLE_NAMES.index("demo_key")

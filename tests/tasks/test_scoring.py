@@ -65,7 +65,7 @@ def test_evaluation_result(tiny_gpt2, word_task):
     assert fig.data[0].x == (0, 2)
     assert "words" in ev._repr_html_()
     json.dumps(ev.to_dict(), allow_nan=False)
-    with pytest.raises(TaskError, match="n_shots=30 needs more pairs"):
+    with pytest.raises(TaskError, match="shots=30 needs more pairs"):
         evaluate(tiny_gpt2, word_task, shots=(1, 30), n=2)
     with pytest.raises(TaskError, match="unknown task"):
         evaluate(tiny_gpt2, "no-such-task")

@@ -1,0 +1,50 @@
+"""Dynamics over checkpoints: measured from each saved checkpoint, events computed from the curves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import icl_circuits.lab.train as lt
+from icl_circuits.heads.scan import scan_heads
+from icl_circuits.lab.config import load_config
+from icl_circuits.lab.dynamics import drop_step, first_at_or_above, run_dynamics, write_dynamics
+from icl_circuits.models import load_model
+
+pytestmark = pytest.mark.fixture
+
+
+@pytest.mark.unit
+def test_event_detectors():
+    steps = [0, 10, 20, 30]
+    assert first_at_or_above(steps, [0.0, 0.2, 0.5, 0.9], 0.4) == 20
+    assert first_at_or_above(steps, [0.0, 0.2, 0.3, 0.1], 0.4) is None
+    assert drop_step(steps, [0.0, -0.1, -1.0, -1.2], 0.3) == 20  # half of the 1.2 fall is passed at 20
+    assert drop_step(steps, [0.0, -0.1, -0.2, -0.1], 0.3) is None
+
+
+def test_cut_down_phase_change_run_is_measured_from_its_checkpoints(tmp_path):
+    """The shipped phase-change config, cut to 20 steps with 3 checkpoints: every number comes from a
+    checkpoint (re-measured here from the saved weights), and the untrained checkpoint has no induction head."""
+    before = torch.get_num_threads()
+    try:
+        cfg = replace(load_config("analyses/lab/phase_change.toml"), steps=20, checkpoint_every=10)
+        lt.train(cfg, tmp_path / "run", threads=1, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    dyn = run_dynamics(tmp_path / "run", n=8, progress=False)
+    assert dyn.steps == (0, 10, 20)
+    for i, step in enumerate(dyn.steps):
+        model = load_model(str(tmp_path / "run" / f"step-{step:06d}"), device="cpu")
+        scan = scan_heads(model, seq_len=20, batch=16, seed=0, ablation=False, progress=False)
+        assert dyn.heads["induction"][i] == scan.scores["induction"].tolist()
+        assert dyn.in_context_score[i] == scan.in_context_score
+    ev = dyn.events()
+    assert ev["untrained_max_induction"] < 0.4 and dyn.formation_steps()["L1H0"] != 0
+    json_path, html_path = write_dynamics(dyn, tmp_path / "out")
+    saved = json.loads(json_path.read_text())
+    assert saved["steps"] == [0, 10, 20] and saved["reading"] == dyn.reading()
+    assert "Training dynamics" in html_path.read_text()
