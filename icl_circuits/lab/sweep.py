@@ -367,7 +367,7 @@ def run_cell(cell: Cell, cell_dir: str, commands: Commands | None = None) -> dic
                               "package": str(Path(icl_circuits.__file__).parent)}  # fmt: skip
     tb = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        check_output_dir(folder).mkdir(parents=True, exist_ok=True)  # an OutputError names a bad folder
         (folder / MARKER).unlink(missing_ok=True)
         with open(folder / LOG_FILE, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):  # fmt: skip
@@ -443,6 +443,8 @@ def _run_command_cell(cell: Cell, folder: Path, commands: Commands | None) -> di
         raise InputError("command cells need the command line's runner: icl_circuits.cli.sweep_commands()")
     code = commands.main([*cell.argv, "--out", str(folder)])
     if code != 0:
+        sys.stdout.flush()  # the cell's log (stdout and stderr are redirected to it)
+        sys.stderr.flush()
         lines = [x for x in (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines() if x]
         errors = [x for x in lines if ": error: " in x or "internal error" in x]
         raise InputError(f"exit code {code}: {(errors or lines or ['no output'])[-1]}")
