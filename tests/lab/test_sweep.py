@@ -238,3 +238,23 @@ def test_engine_ray_without_ray_is_a_clear_error_and_local_needs_no_ray(tmp_path
     assert not (tmp_path / "out").exists()  # refused before writing anything
     res = sw.run_sweep(path, tmp_path / "out", engine="local", threads=1, progress=False)
     assert res.counts()["ok"] == 1 and res.rows[0]["pid"] == os.getpid()
+
+
+@pytest.mark.unit
+def test_the_shipped_sweep_files_load_and_the_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    shipped = sorted((REPO / "analyses" / "lab").glob("sweep_*.toml"))
+    assert len(shipped) >= 2
+    for path in shipped:
+        spec = sw.load_sweep(path)
+        cells = spec.cells(sweep_commands() if spec.kind == "command" else None)
+        assert cells and all(c.threads == 1 for c in cells), path
+    demo = sw.load_sweep(REPO / "analyses" / "lab" / "sweep_demo.toml").cells()
+    assert [c.params for c in demo][:2] == [{"corpus.repeat_share": 0.2, "steps": 200, "checkpoint_every": 50,
+                                             "seed": 0}, {"corpus.repeat_share": 0.2, "steps": 200,
+                                                          "checkpoint_every": 50, "seed": 1}]  # fmt: skip
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep")
+    assert main(["sweep", str(shipped[0]), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is an existing file" in err[0] and taken.read_text() == "keep"
+    assert main(["sweep", "--help"]) == 0 and "--engine" in capsys.readouterr().out
