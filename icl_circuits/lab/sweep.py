@@ -37,7 +37,8 @@ that marker is never computed again; a cell that raises (or whose command exits 
 error in ``cell_error.json`` and the others go on; it is computed again on the next run. A train cell killed
 mid-run resumes from its last complete checkpoint (exact resume). ``OUT/results.csv`` (one row per cell:
 status ``ok``/``error``/``pending``, error, seconds, seed, overrides, versions, headline numbers) is rewritten
-atomically after every finished cell, and ``OUT/summary.html`` at the end.
+atomically after every finished cell; ``OUT/summary.html`` and ``OUT/sweep.json`` (the grid, the cells and
+the last run's counts and timings) at the end.
 """
 
 from __future__ import annotations
@@ -663,9 +664,9 @@ def run_sweep(
     root = check_output_dir(out)
     cells_dir = root / CELLS_DIR
     folder = {c.cell_id: cells_dir / c.cell_id for c in cells}
-    atomic_write_json(root / SPEC_FILE, {"sweep_file": str(spec.path), "kind": spec.kind, "grid": spec.grid,
-                                         "seeds": list(spec.seeds), "engine": engine,
-                                         "cells": [{"cell_id": c.cell_id, "params": c.params} for c in cells]})
+    about = {"sweep_file": str(spec.path), "kind": spec.kind, "grid": spec.grid, "seeds": list(spec.seeds),
+             "engine": engine, "cells": [{"cell_id": c.cell_id, "params": c.params} for c in cells]}
+    atomic_write_json(root / SPEC_FILE, about)
     records: dict[str, dict[str, Any]] = {}
     for c in cells:
         rec = read_record(folder[c.cell_id], c)
@@ -730,6 +731,7 @@ def run_sweep(
         notes.append("training runs on the CPU: gpus_per_task reserves GPUs that train cells do not use")
     result = SweepResult(str(root), spec.kind, engine, tuple(spec.grid), tuple(table()), tuple(computed), reused,
                          round(time.perf_counter() - start, 1), engine_start, tuple(notes))  # fmt: skip
+    atomic_write_json(root / SPEC_FILE, {**about, "last_run": result.findings(), "notes": list(notes)})
     write_summary(result, root)
     return result
 

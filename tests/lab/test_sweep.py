@@ -144,6 +144,14 @@ def test_two_cells_on_local_ray_one_worker_raising_then_a_rerun_without_ray(tmp_
     with capsys.disabled():
         print(f"\nlocal Ray: started in {res.engine_start_s:.1f} s, two cells in {total:.1f} s "
               f"(cells {ok['seconds']:.1f} s / {bad['seconds']:.1f} s); load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    from safetensors.torch import load_file
+
+    import icl_circuits.lab.train as lt
+
+    direct = lt.train(sw.LabConfig.from_dict(cells[0].config), tmp_path / "direct", threads=1, progress=False)
+    ray_w = load_file(str(out / sw.CELLS_DIR / cells[0].cell_id / "step-000008" / "model.safetensors"))
+    here_w = load_file(str(direct.checkpoints[-1][1] / "model.safetensors"))
+    assert all(torch.equal(ray_w[k], here_w[k]) for k in here_w)  # the Ray worker trained the same weights
     (out / sw.CELLS_DIR / cells[1].cell_id).unlink()
     again = sw.run_sweep(path, out, engine="local", threads=1, progress=False)
     assert again.computed == (cells[1].cell_id,) and again.reused == (cells[0].cell_id,)
