@@ -454,8 +454,9 @@ def _run_command_cell(cell: Cell, folder: Path, commands: Commands | None) -> di
 
 def command_headline(argv: Sequence[str], folder: Path) -> dict[str, Any]:
     """The table's numbers of a command cell, from the JSON the command wrote: its ``findings`` (scalars and
-    the reading), or an evaluation's ``accuracy@K`` / ``logit_diff@K`` per number of shots; ``{}`` for a
-    command whose JSON has neither (its numbers stay in the cell folder)."""
+    the reading); else an evaluation's ``accuracy@K`` / ``logit_diff@K`` per number of shots, or a head scan's
+    in-context score and induction heads; ``{}`` for the others (fast-weights, attribute: their numbers stay in
+    the cell folder)."""
     name = (argv[1].replace("-", "_") + ".json") if argv[0] == "analyze" else COMMAND_JSON.get(argv[0], "")
     path = folder / name
     if not name or not path.is_file():
@@ -465,6 +466,10 @@ def command_headline(argv: Sequence[str], folder: Path) -> dict[str, Any]:
     if isinstance(found, dict):
         return {k: v for k, v in found.items() if v is None or isinstance(v, (int, float, str))}
     out: dict[str, Any] = {}
+    if isinstance(doc.get("in_context"), dict):  # head-scan: the in-context score and the induction heads
+        out["in_context_score"] = doc["in_context"].get("score")
+    if isinstance(doc.get("induction_heads"), list):
+        out["induction_heads"] = " ".join(f"L{h[0]}H{h[1]}" for h in doc["induction_heads"]) or None
     for row in doc.get("rows", []):
         if isinstance(row, dict) and "shots" in row:
             for key in ("accuracy", "logit_diff"):

@@ -176,7 +176,8 @@ def test_command_cells_run_the_commands_in_process_and_record_a_failing_one(tmp_
     assert good["headline"] == {f"{k}@{r['shots']}": r[k] for r in ev["rows"] for k in ("accuracy", "logit_diff")}
     scan = by[("head-scan --no-ablation --batch 2", "fixture:icl-tiny")]
     assert scan["status"] == "ok" and scan["params"]["task"] is None  # head-scan takes no task
-    assert (Path(scan["cell_dir"]) / "head_scan.json").is_file()
+    doc = json.loads((Path(scan["cell_dir"]) / "head_scan.json").read_text())
+    assert scan["headline"]["in_context_score"] == doc["in_context"]["score"] and doc["batch"] == 2
     for cmd in ("evaluate --shots 0,2 --n 4", "head-scan --no-ablation --batch 2"):
         broken = by[(cmd, str(tmp_path / "broken-model"))]
         assert broken["status"] == "error" and broken["error"].startswith("exit code 2: icl-circuits ")
