@@ -267,3 +267,32 @@ def test_the_shipped_sweep_files_load_and_the_cli_refuses_bad_input_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is an existing file" in err[0] and taken.read_text() == "keep"
     assert main(["sweep", "--help"]) == 0 and "--engine" in capsys.readouterr().out
+
+
+def test_a_train_cell_interrupted_mid_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, threads_back):
+    from safetensors.torch import load_file
+
+    import icl_circuits.lab.train as lt
+
+    path = write_sweep(tmp_path, grid="steps = [8]")
+    (cell,) = sw.load_sweep(path).cells()
+    out = tmp_path / "out"
+    real, calls = lt.corpus.labelled_training_batch, []
+
+    def interrupt_at_step_6(*args, **kw):  # Ctrl-C while step 6 draws its batch (checkpoint 4 is complete)
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lt.corpus, "labelled_training_batch", interrupt_at_step_6)
+    with pytest.raises(KeyboardInterrupt):  # not recorded as a cell error: the sweep stops
+        sw.run_sweep(path, out, engine="local", threads=1, progress=False)
+    monkeypatch.undo()
+    assert table(out)["status"].tolist() == ["pending"] and not marker(out, cell.cell_id).exists()
+    res = sw.run_sweep(path, out, engine="local", threads=1, progress=False)
+    assert res.rows[0]["status"] == "ok" and res.rows[0]["resumed_from"] == 4
+    direct = lt.train(sw.LabConfig.from_dict(cell.config), tmp_path / "direct", threads=1, progress=False)
+    resumed = load_file(str(out / sw.CELLS_DIR / cell.cell_id / "step-000008" / "model.safetensors"))
+    whole = load_file(str(direct.checkpoints[-1][1] / "model.safetensors"))
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # the same run as an uninterrupted one
