@@ -531,7 +531,8 @@ class SweepResult(Result):
                 for r in self.rows]  # fmt: skip
 
     def figures(self) -> list[Any]:
-        """Accuracy-like headline numbers per cell (one trace per number) and seconds per cell (by status)."""
+        """Accuracy-like headline numbers (``acc*``, else every number) per cell, one trace per number; the same
+        against each numeric grid axis (mean over the other cells); seconds per cell, by status."""
         import plotly.graph_objects as go
 
         labels = self._labels()
@@ -547,6 +548,7 @@ class SweepResult(Result):
                                          mode="markers", name=k, marker={"color": colors[k], "size": 9}))  # fmt: skip
             fig.update_layout(title="headline numbers per cell", xaxis_title="cell", yaxis_title="value")
             figs.append(fig)
+            figs += [self._axis_figure(key, shown, colors) for key in self.grid_keys if self._numeric_axis(key)]
         status_colors = {"ok": "#54a24b", "error": "#e45756", "pending": "#bab0ac"}
         fig = go.Figure()
         for status, colour in status_colors.items():
@@ -557,6 +559,30 @@ class SweepResult(Result):
         fig.update_layout(title="seconds per cell, by status", xaxis_title="cell", yaxis_title="s")
         figs.append(fig)
         return figs
+
+    def _numeric_axis(self, key: str) -> bool:
+        values = {r["params"].get(key) for r in self.rows if r["status"] == "ok"}
+        return len(values) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+    def _axis_figure(self, key: str, shown: list[str], colors: dict[str, str]) -> Any:
+        """``shown`` numbers against one numeric grid axis: the mean over the finished cells at each value (over
+        seeds and the other axes), one trace per number."""
+        import plotly.graph_objects as go
+
+        ok = [r for r in self.rows if r["status"] == "ok"]
+        xs = sorted({r["params"][key] for r in ok})
+        fig = go.Figure()
+        for k in shown:
+            ys = []
+            for x in xs:
+                vals = [r["headline"][k] for r in ok if r["params"][key] == x
+                        and isinstance(r["headline"].get(k), (int, float))]  # fmt: skip
+                ys.append(sum(vals) / len(vals) if vals else None)
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=k, line={"color": colors[k]},
+                                     marker={"color": colors[k]}))  # fmt: skip
+        fig.update_layout(title=f"against {key} (mean over seeds and the other axes)", xaxis_title=key,
+                          yaxis_title="value")  # fmt: skip
+        return fig
 
     def sections(self) -> list[Any]:
         """The summary page: reading, the table, the figures, the errors."""

@@ -97,6 +97,9 @@ def test_a_killed_sweep_loses_no_finished_cell_and_the_rerun_computes_only_the_m
         assert row["acc_final_bound"] == pytest.approx(events["final_accuracy"]["bound"])
         assert row["version:torch"] == torch.__version__
     assert "2 cells" in again.reading() and (out / sw.SUMMARY_FILE).is_file()
+    axis = next(f for f in again.figures() if f.layout.xaxis.title.text == "corpus.repeat_share")
+    bound = next(t for t in axis.data if t.name == "acc_final_bound")
+    assert list(bound.x) == [0.2, 0.8] and list(bound.y) == pytest.approx(done["acc_final_bound"].tolist())
 
 
 def test_a_failing_cell_is_recorded_the_rest_go_on_and_a_rerun_computes_only_it(tmp_path, monkeypatch, threads_back):
