@@ -692,6 +692,8 @@ def run_sweep(
     if engine == "local" and threads is not None:
         cells = [_with_threads(c, threads) for c in cells]
     ray = _import_ray() if engine == "ray" else None
+    if ray is not None and address is not None:
+        check_address(address)  # before anything is written
     root = check_output_dir(out)
     cells_dir = root / CELLS_DIR
     folder = {c.cell_id: cells_dir / c.cell_id for c in cells}
@@ -802,6 +804,28 @@ def _start_ray(ray: Any, address: str | None, num_cpus: int | None) -> tuple[flo
     print(f"ray: {'connected to ' + address if address else 'local instance started'} in "
           f"{time.perf_counter() - t:.1f} s", file=sys.stderr)  # fmt: skip
     return round(time.perf_counter() - t, 1), True
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) nobody answers on within ``timeout_s``: ``ray.init``
+    itself waits minutes for an unreachable cluster. ``"auto"`` (Ray's own lookup) is left to Ray.
+
+    Raises:
+        InputError: a malformed address, or no answer at it.
+    """
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InputError(f"--address {address!r}: give HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise InputError(f"--address {address!r}: no Ray cluster answers there ({e.strerror or e}); start one "
+                         "with `ray start --head`, or leave --address out for a local instance") from None
 
 
 def write_summary(result: SweepResult, out: str | os.PathLike[str]) -> Path:

@@ -223,6 +223,9 @@ def test_bad_sweep_files_are_project_errors_naming_the_problem(tmp_path):
     assert len({c.cell_id for c in sw.load_sweep(path).cells()}) == 2
     with pytest.raises(InputError, match="engine must be one of"):
         sw.run_sweep(path, tmp_path / "o", engine="dask")
+    for address, match in (("127.0.0.1:1", "no Ray cluster answers there"), ("nohost", "give HOST:PORT")):
+        with pytest.raises(InputError, match=match):
+            sw.check_address(address)
 
 
 @pytest.mark.unit
