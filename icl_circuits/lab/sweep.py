@@ -14,7 +14,8 @@ A sweep file (TOML or JSON) names the cells::
     [dynamics]                       # train: the settings of run_dynamics (optional)
     n = 64
 
-A ``train`` cell is the base config with one combination of overrides and one seed: it trains into
+A ``train`` cell is the base config with one combination of overrides and one seed (the config's ``seed``, also
+the seed of its dynamics measurement): it trains into
 ``OUT/cells/<cell_id>/`` (:func:`icl_circuits.lab.train.train`) and measures every checkpoint there
 (:func:`icl_circuits.lab.dynamics.run_dynamics`, ``dynamics.json`` + ``dynamics.html``). A ``command`` cell is
 one command line of ``icl-circuits`` run in process::
