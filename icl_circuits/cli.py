@@ -460,6 +460,67 @@ def _cmd_dynamics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from icl_circuits.lab.sweep import run_sweep
+
+    result = run_sweep(args.sweep_file, args.out, engine=args.engine, address=args.address, num_cpus=args.num_cpus,
+                       seed=args.seed_given, threads=args.threads, commands=sweep_commands())  # fmt: skip
+    print(result.reading())
+    print(f"wrote {result.out_dir}/results.csv and {result.out_dir}/summary.html")
+    return 0 if not result.counts()["error"] else 2
+
+
+def _subparser_of(command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if command not in sub.choices:
+        raise InputError(f"unknown command {command!r}{_did_you_mean(command, list(sub.choices))}")
+    return sub.choices[command]
+
+
+#: The commands a ``command`` sweep may run: they take --model, --seed and --out.
+SWEEP_COMMANDS = ("evaluate", "head-scan", "fast-weights", "attribute", "analyze")
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """Parse ``argv`` as the parser would, raising an :class:`InputError` with its message instead of exiting
+    (a sweep checks every cell's command line before running any); also checks the model spec and task names."""
+    import contextlib
+    import io
+
+    if not argv or argv[0] not in SWEEP_COMMANDS:
+        given = argv[0] if argv else ""
+        raise InputError(f"a sweep runs one of {', '.join(SWEEP_COMMANDS)}, got {given!r}"
+                         f"{_did_you_mean(given, SWEEP_COMMANDS)}")  # fmt: skip
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(list(argv))
+    except SystemExit:
+        lines = [x for x in err.getvalue().splitlines() if x.strip()]
+        raise InputError(lines[-1] if lines else f"the parser refuses {list(argv)}") from None
+    args.model = check_model_spec(args.model)
+    if getattr(args, "task", None) is not None:
+        check_task_name(args.task)
+    if getattr(args, "tasks", None) is not None:
+        for t in args.tasks.split(","):
+            check_task_name(t, "--tasks")
+    if getattr(args, "name", None) is not None:
+        check_analysis_name(args.name)
+
+
+def command_task_option(command: str) -> str | None:
+    """``"--task"``, ``"--tasks"`` or ``None``: how ``command`` takes its task."""
+    options = {o for a in _subparser_of(command)._actions for o in a.option_strings}
+    return next((o for o in ("--task", "--tasks") if o in options), None)
+
+
+def sweep_commands() -> Any:  # -> icl_circuits.lab.sweep.Commands
+    """How a ``command`` sweep runs its cells: :func:`main` in process, checked by :func:`check_command_line`."""
+    from icl_circuits.lab.sweep import Commands
+
+    return Commands(main=main, check=check_command_line, task_option=command_task_option)
+
+
 def _out_arg(p: argparse.ArgumentParser, default: str | None, files: str) -> None:
     where = f"default {default}" if default else "default: print only, write nothing"
     p.add_argument("--out", default=default, metavar="FOLDER",
@@ -581,6 +642,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=at_least(1, 1024), default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else half the cores, 1 to 4)")  # fmt: skip
     _out_arg(p, None, "dynamics.json and dynamics.html (default: RUN_DIR)")
+
+    p = _subparser(sub, "sweep", "run a grid of training runs or commands (configs x seeds) on Ray or in turn",
+                   "Writes OUT/cells/CELL_ID/ (each cell's run folder or command output), results.csv (one row "
+                   "per cell: status, error, seconds, seed, overrides, versions, headline numbers) and the offline "
+                   "summary.html. A rerun computes only the cells that have not finished. Exit code 2 when a cell "
+                   "failed (its error is in the table).", _cmd_sweep)  # fmt: skip
+    p.add_argument("sweep_file", metavar="SWEEP_FILE", help="a .toml or .json sweep file (see analyses/lab/)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the sweep folder, created with its parents")
+    p.add_argument("--engine", choices=("ray", "local"), default="ray",
+                   help="ray: each cell a Ray task (needs pip install 'icl_circuits[sweep]'); local: one cell "
+                        "after another in this process (default ray)")  # fmt: skip
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local instance)")
+    p.add_argument("--num-cpus", type=at_least(1, 1024), default=None,
+                   help="CPUs of the local Ray instance (default: all)")  # fmt: skip
+    p.add_argument("--seed", dest="seed_given", type=seed_value, default=None,
+                   help=f"run only this seed (replaces the file's seeds), an integer in 0..{SEED_MAX}")  # fmt: skip
+    p.add_argument("--threads", type=at_least(1, 1024), default=None,
+                   help="torch threads per cell with --engine local (default: the file's cpus_per_task)")
     return parser
 
 
