@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, head_name, pick_tasks
+from icl_circuits.analyze.base import AnalysisMixin, TaskArg, check_positive, fmt, head_name, pick_tasks, task_label
 from icl_circuits.models import model_info
 from icl_circuits.patching.ablation import ablated_logits, mean_z
 from icl_circuits.report import Section, figure_html, table_html
@@ -158,7 +158,7 @@ def run_label_binding(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: int | None = None,
     heads: Sequence[tuple[int, int]] | None = None,
     n_controls: int = 3,
@@ -187,9 +187,10 @@ def run_label_binding(
     controls = [[others[int(i)] for i in torch.randperm(len(others), generator=gen)[: len(chosen)]]
                 for _ in range(n_controls)] if chosen and len(others) >= len(chosen) else []  # fmt: skip
     rows = []
-    jobs = [(name, labels) for name in names for labels in ("own", "symbols")]
-    for name, labels in tqdm(jobs, desc="label-binding", disable=not progress):
-        task = get_task(name, model)
+    jobs = [(given, labels) for given in names for labels in ("own", "symbols")]
+    for given, labels in tqdm(jobs, desc="label-binding", disable=not progress):
+        name = task_label(given)
+        task = get_task(given, model)
         checked = check_task(model, task)
         if labels == "own":
             ps = build_prompts(model, checked, k, n, seed)

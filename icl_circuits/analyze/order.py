@@ -42,12 +42,14 @@ from tqdm.auto import tqdm
 
 from icl_circuits.analyze.base import (
     AnalysisMixin,
+    TaskArg,
     change,
     check_positive,
     fmt,
     head_logit_attribution,
     head_name,
     pick_tasks,
+    task_label,
     uses_corpus_vocab,
 )
 from icl_circuits.errors import TaskError
@@ -238,9 +240,10 @@ def content_free_input(model: Any, checked: CheckedTask) -> str:
 # ---------------------------------------------------------------- the run
 
 
-def _task_rows(model: Any, name: str, k: int, n_sets: int, n_orders: int, m: int, seed: int,
+def _task_rows(model: Any, given: TaskArg, k: int, n_sets: int, n_orders: int, m: int, seed: int,
                batch_size: int) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, str]:  # fmt: skip
-    checked = check_task(model, get_task(name, model))
+    name = task_label(given)
+    checked = check_task(model, get_task(given, model))
     checked.task.check_shots(k)
     cf = content_free_input(model, checked)
     rng, manip = np.random.default_rng(seed), np.random.default_rng([seed, 1])
@@ -296,7 +299,7 @@ def run_order(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: int | None = None,
     n_orders: int = 24,
     queries: int = 8,
@@ -318,8 +321,9 @@ def run_order(
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k + 1)
     rows: list[dict[str, Any]] = []
     sd, mabs, cf = {}, {}, {}
-    for name in tqdm(names, desc="order", disable=not progress):
-        r, sd[name], mabs[name], cf[name] = _task_rows(model, name, k, n_sets, n_orders, queries, seed, batch_size)
+    for given in tqdm(names, desc="order", disable=not progress):
+        name = task_label(given)
+        r, sd[name], mabs[name], cf[name] = _task_rows(model, given, k, n_sets, n_orders, queries, seed, batch_size)
         rows += r
     n_o = min(math.factorial(k), n_orders)
     return OrderSensitivity(model_info(model).spec, seed, k, n_sets, n_o, cf, tuple(rows), sd, mabs)

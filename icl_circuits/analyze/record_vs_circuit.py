@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from icl_circuits.analyze.base import Analysis, AnalysisMixin, fmt
+from icl_circuits.analyze.base import Analysis, AnalysisMixin, TaskArg, fmt
 from icl_circuits.analyze.information_flow import run_information_flow
 from icl_circuits.analyze.label_binding import LabelBinding, run_label_binding
 from icl_circuits.analyze.order import run_order
@@ -124,7 +124,7 @@ def run_record_vs_circuit(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     progress: bool = True,
 ) -> RecordVsCircuit:
     """Run the six analyses with their defaults (``n`` and ``tasks`` passed through) and collect them."""

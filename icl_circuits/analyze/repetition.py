@@ -28,7 +28,16 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import AnalysisMixin, change, check_positive, fmt, head_name, pick_tasks
+from icl_circuits.analyze.base import (
+    AnalysisMixin,
+    TaskArg,
+    change,
+    check_positive,
+    fmt,
+    head_name,
+    pick_tasks,
+    task_label,
+)
 from icl_circuits.errors import PromptTooLongError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.predictions import measure_predictions
@@ -156,7 +165,7 @@ def run_repetition(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: int | None = None,
     repeats: Sequence[int] = REPEATS,
     n_heads: int = 4,
@@ -180,8 +189,9 @@ def run_repetition(
     rows: list[dict[str, Any]] = []
     heads: dict[str, tuple[tuple[int, int], ...]] = {}
     skipped: list[str] = []
-    for name in tqdm(names, desc="repetition", disable=not progress):
-        checked = check_task(model, get_task(name, model))
+    for given in tqdm(names, desc="repetition", disable=not progress):
+        name = task_label(given)
+        checked = check_task(model, get_task(given, model))
         task_rows, first = [], None
         for r in rs:
             try:

@@ -37,11 +37,13 @@ from tqdm.auto import tqdm
 
 from icl_circuits.analyze.base import (
     AnalysisMixin,
+    TaskArg,
     change,
     check_positive,
     finite,
     fmt,
     pick_tasks,
+    task_label,
     uses_corpus_vocab,
 )
 from icl_circuits.errors import InputError, PromptTooLongError
@@ -244,7 +246,7 @@ def run_shots_and_noise(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: Sequence[int] | None = None,
     noise: Sequence[float] = NOISE,
     noise_shots: int = 8,
@@ -272,8 +274,9 @@ def run_shots_and_noise(
     shrink: list[dict[str, Any]] = []
     chance: dict[str, float] = {}
     skipped: list[str] = []
-    for name in tqdm(names, desc="shots-and-noise", disable=not progress):
-        checked = check_task(model, get_task(name, model))
+    for given in tqdm(names, desc="shots-and-noise", disable=not progress):
+        name = task_label(given)
+        checked = check_task(model, get_task(given, model))
         chance[name] = 1.0 / len(checked.task.labels)
         for k in shots:
             if k > checked.task.max_shots:
@@ -289,8 +292,9 @@ def run_shots_and_noise(
                 grid.append({"task": name, "shots": k, "noise": p, "flipped": round(p * k) / k if k else 0.0,
                              "n": n, "accuracy": r["accuracy"], "logit_diff": finite(r["logit_diff"]),
                              "prob": r["prob"], "mean_rank": r["mean_rank"]})  # fmt: skip
-    for name in names:
-        checked = check_task(model, get_task(name, model))
+    for given in names:
+        name = task_label(given)
+        checked = check_task(model, get_task(given, model))
         k = min(noise_shots, checked.task.max_shots)
         try:
             shrink += _shrink_rows(model, checked, name, k, n, seed + k, rates, batch_size)

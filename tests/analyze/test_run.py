@@ -169,3 +169,27 @@ def test_cli_analyze_on_the_loaded_real_model(smollm2, name, tmp_path, capsys):
     assert tasks and not any(t.startswith("fixture-") for t in tasks), data.keys()
     assert '<script src="http' not in (tmp_path / f"{stem}.html").read_text()
     assert data["findings"]["reading"] and data["findings"]["reading"].split()[0] in capsys.readouterr().out
+
+
+@pytest.mark.fixture
+@pytest.mark.parametrize("name", [n for n in SMALL if n != "record-vs-circuit"])
+def test_a_task_is_a_name_or_a_task(name, fixture_like):
+    """``tasks=`` takes names or ``Task`` objects (resolved by ``get_task``): the same task either way gives the
+    same result; a task outside the registry (a renamed ``Task``) runs under its own name."""
+    from dataclasses import replace
+
+    model, _ = fixture_like
+    given = "fixture-rule-shift3" if name == "unseen-task" else "fixture-bound"
+    kw = {"seed": 2, "progress": False, **SMALL[name]}
+    by_name = ANALYSES[name].run(model, tasks=[given], **kw)
+    if set(SMALL[name]) == {"n"}:  # run_analysis passes n, tasks and seed
+        by_task = run_analysis(name, model, tasks=[get_task(given, model)], **kw)
+    else:
+        by_task = ANALYSES[name].run(model, tasks=[get_task(given, model)], **kw)
+    assert by_task.to_dict() == by_name.to_dict()
+    renamed = replace(get_task(given, model), name="my-task")
+    own = ANALYSES[name].run(model, tasks=[renamed], **kw)
+    shown = set(own.to_dataframe()["task"])
+    assert "my-task" in shown and given not in shown
+    with pytest.raises(TaskError, match="distinct names"):
+        ANALYSES[name].run(model, tasks=[given, get_task(given, model)], **kw)
