@@ -71,7 +71,9 @@ class RecordVsCircuit(AnalysisMixin):
         out = []
         for part, (_, _, keys) in zip(self.parts, PARTS):
             f = part.findings()
-            measures = "; ".join(f"{label}: {_show(f.get(k))}" for k, label in keys.items())
+            chance = any(f.get(c) is True for c in ("at_chance", "unseen_at_chance"))  # a value left unread
+            shown = {k: "not read (at chance)" if chance and f.get(k) is None else _show(f.get(k)) for k in keys}
+            measures = "; ".join(f"{label}: {shown[k]}" for k, label in keys.items())
             if isinstance(part, LabelBinding):
                 for labels in ("own", "symbols"):
                     accs = ", ".join(f"{r['task']} {_show(r['accuracy'])} ({_show(r['accuracy_ablated'])})"

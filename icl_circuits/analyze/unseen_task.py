@@ -62,7 +62,7 @@ from icl_circuits.tasks.registry import (
     corpus_config_for,
     get_task,
 )
-from icl_circuits.tasks.scoring import evaluate, padded_batch
+from icl_circuits.tasks.scoring import at_chance, evaluate, padded_batch
 
 FIXTURE_SHOTS = (0, 1, 2, 4, 8)
 GROUPS = ("seen", "unseen")
@@ -166,6 +166,14 @@ class UnseenTask(AnalysisMixin):
                                   "difference")  # fmt: skip
         return [acc, heads]
 
+    def group_at_chance(self, group: str) -> bool:
+        """Is every task of ``group`` at chance (:func:`at_chance`) at its most shots?"""
+        last: dict[str, dict[str, Any]] = {}
+        for r in self.rows:
+            if r["group"] == group and r["shots"] >= last.get(r["task"], {"shots": -1})["shots"]:
+                last[r["task"]] = r
+        return bool(last) and all(at_chance(r["accuracy"], r["chance"], int(r["n"])) for r in last.values())
+
     def reading(self) -> str:
         parts = []
         for g in GROUPS:
@@ -176,12 +184,15 @@ class UnseenTask(AnalysisMixin):
                 parts.append(f"{g} tasks ({', '.join(tasks)}): mean accuracy {change(curve[ks[0]], curve[ks[-1]])} "
                              f"from {ks[0]} to {ks[-1]} shots")  # fmt: skip
         text = "; ".join(parts) + "."
-        if "unseen" in self.head_effects:
+        if "unseen" in self.head_effects and self.group_at_chance("unseen"):
+            text += (" The unseen tasks stay at chance at their most shots: the model does not learn them in "
+                     "context, so no head is read as responsible for them.")
+        elif "unseen" in self.head_effects:
             top = ", ".join(f"{head_name(h)} ({e:+.2f})" for h, e in self.top_heads("unseen"))
             text += (f" Heads whose ablation lowers the unseen tasks' logit difference most at {self.head_shots} "
                      f"shots: {top}.")
         corr = self.head_correlation()
-        if corr is not None:
+        if corr is not None and not self.group_at_chance("unseen") and not self.group_at_chance("seen"):
             top_seen = ", ".join(head_name(h) for h, _ in self.top_heads("seen"))
             text += (f" For seen tasks: {top_seen}; the per-head effects of the two groups correlate at r = "
                      f"{fmt(corr)} over heads.")  # fmt: skip
@@ -199,13 +210,15 @@ class UnseenTask(AnalysisMixin):
 
     def findings(self) -> dict[str, Any]:
         seen, unseen = self.group_curve("seen"), self.group_curve("unseen")
-        top = self.top_heads("unseen", 1) if "unseen" in self.head_effects else []
+        chance = self.group_at_chance("unseen")
+        top = self.top_heads("unseen", 1) if "unseen" in self.head_effects and not chance else []
         return {
             "seen_accuracy_max_shots": list(seen.values())[-1] if seen else None,
             "unseen_accuracy_0_shots": list(unseen.values())[0] if unseen else None,
             "unseen_accuracy_max_shots": list(unseen.values())[-1] if unseen else None,
             "max_shots": max((r["shots"] for r in self.rows), default=None),
             "top_unseen_head": head_name(top[0][0]) if top else None,
+            "unseen_at_chance": chance,
             "head_effect_correlation": self.head_correlation(),
             "reading": self.reading(),
         }

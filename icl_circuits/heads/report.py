@@ -66,8 +66,8 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
         f"Measured on {scan.batch} sequences [BOS, r, r] with |r| = {scan.seq_len} random ordinary tokens "
         f"(seed {scan.seed}); prefix matching on {scan.prefix_repeats} copies of |r| = {scan.prefix_seq_len}. "
         f"Induction head: induction score >= {th.induction} and it acts on what it attends to: copying > "
-        f"{th.min_copying}"
-        + (f" or mean-ablation effect < -{th.min_ablation} nats." if ablated else " (ablation sweep skipped).")
+        f"{th.min_copying:g}"  # :g and + 0.0: "0", never "-0.0"
+        + (f" or mean-ablation effect < {-th.min_ablation + 0.0:g} nats." if ablated else " (ablation sweep skipped).")
         + f" Previous-/duplicate-token: score >= {th.previous_token} / {th.duplicate_token}; "
         f"copying: OV eigenvalue positivity >= {th.copying}.",
     )
