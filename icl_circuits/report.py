@@ -64,12 +64,14 @@ def attention_html(
 
 
 def table_html(df: Any, *, max_rows: int = 40, float_format: str = "{:.3f}") -> str:
-    """A pandas DataFrame as an HTML table that scrolls inside its own box: no index column (a named or
-    non-default index becomes a column), the first ``max_rows`` rows, and a note with the true row count when
-    rows were left out."""
+    """A pandas DataFrame as an HTML table that scrolls inside its own box: no index column (a named index, or
+    an unnamed one that is not integer positions, e.g. labels, becomes a column; the positions left by
+    ``sort_values`` do not), the first ``max_rows`` rows, and a note with the true row count when rows were
+    left out."""
     import pandas as pd
 
-    if not isinstance(df.index, pd.RangeIndex) or any(df.index.names):
+    named = any(n is not None for n in df.index.names)
+    if named or not (isinstance(df.index, pd.RangeIndex) or pd.api.types.is_integer_dtype(df.index)):
         df = df.reset_index()
     table = df.head(max_rows).to_html(
         classes="icl-table", border=0, index=False, float_format=lambda x: float_format.format(x), na_rep="—"

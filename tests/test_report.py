@@ -30,3 +30,13 @@ def test_table_shows_the_first_rows_formatted():
     df = pd.DataFrame({"x": [0.12345, 2.0, 3.0], "name": ["a", "b", None]})
     html = table_html(df, max_rows=2)
     assert "0.123" in html and "2.000" in html and "3.000" not in html and 'class="dataframe icl-table"' in html
+
+
+def test_table_has_no_pandas_index_column():
+    """Row positions (also after sort_values) are not shown; a named index or a label index is a column."""
+    df = pd.DataFrame({"layer": [0, 1, 2], "score": [0.1, 0.9, 0.5]}).sort_values("score", ascending=False)
+    html = table_html(df)
+    assert "<th>index</th>" not in html and "<th>layer</th>" in html
+    assert "<th>task</th>" in table_html(df.set_index("layer").rename_axis("task"))
+    labelled = table_html(pd.DataFrame({"v": [1.0, 2.0]}, index=["L0H1", "L1H0"]))
+    assert "L0H1" in labelled and "<th>index</th>" in labelled

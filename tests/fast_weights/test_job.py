@@ -44,6 +44,8 @@ def test_cli_and_page_say_what_was_skipped(fixture_shaped, tmp_path, capsys):
         line = f"repeating the demos r = {r} times: the prompts exceed the model's context"
         assert f"skipped: predictions: {line}" in printed
         assert html.escape(line) in (out / "fast_weights.html").read_text()
+    page = (out / "fast_weights.html").read_text()  # and on the repetition figure itself, beside its lone point
+    assert "not measured: repeating the demos r = 2 times; repeating the demos r = 3 times" in page
 
 
 def test_reading_at_chance_reads_no_transplant_and_no_beta(fixture_shaped):
