@@ -135,7 +135,7 @@ class OrderSensitivity(AnalysisMixin):
             rows = [r for r in self.rows if r["task"] == task]
             for key, name, color in (("label_accuracy", "uncalibrated", "#4c78a8"),
                                      ("calibrated_accuracy", "calibrated", "#e45756")):  # fmt: skip
-                box = go.Box(x=[f"set {r['set']}" for r in rows], y=[r[key] for r in rows], name=name,
+                box = go.Box(x=[f"set {r['set'] + 1}" for r in rows], y=[r[key] for r in rows], name=name,
                              legendgroup=name, showlegend=j == 1, boxpoints="all", jitter=0.4,
                              marker_color=color)  # fmt: skip
                 acc.add_trace(box, 1, j)

@@ -91,7 +91,7 @@ class Repetition(AnalysisMixin):
 
         pred = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "logit difference"))
         mag = go.Figure()
-        colour = series_colors(self.tasks)
+        colour = series_colors(sorted(self.tasks))  # by name: the same task, the same colour on every page
         for task in self.tasks:
             rows = [r for r in self.rows if r["task"] == task]
             x = [r["repeat"] for r in rows]

@@ -49,6 +49,7 @@ from icl_circuits.analyze.base import (
 from icl_circuits.errors import InputError, PromptTooLongError
 from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
+from icl_circuits.results import series_colors
 from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import CheckedTask, build_prompts, check_task, render_prompt
 from icl_circuits.tasks.registry import FewShot, get_task
@@ -124,12 +125,18 @@ class ShotsAndNoise(AnalysisMixin):
             figs.append(fig)
         fig = make_subplots(rows=1, cols=2, subplot_titles=("beta: update along the clean update",
                                                             "accuracy"))  # fmt: skip
+        colour = series_colors(sorted(tasks))  # one colour per task in both panels, one legend entry per task
         for task in tasks:
             rows = [r for r in self.shrink if r["task"] == task]
             x = [r["flipped"] for r in rows]
-            fig.add_trace(go.Scatter(x=x, y=[r["beta"] for r in rows], mode="lines+markers", name=f"{task} beta"), 1, 1)
-            fig.add_trace(go.Scatter(x=x, y=[r["label_accuracy"] for r in rows], mode="lines+markers",
-                                     name=f"{task} accuracy (argmax over labels)"), 1, 2)  # fmt: skip
+            name = f"{task} (at chance: beta not read)" if self.at_chance(task) else task
+            line = {"color": colour[task]}
+            fig.add_trace(go.Scatter(x=x, y=[r["beta"] for r in rows], mode="lines+markers", name=name,
+                                     legendgroup=task, line=line), 1, 1)  # fmt: skip
+            fig.add_trace(go.Scatter(x=x, y=[r["label_accuracy"] for r in rows], mode="lines+markers", name=name,
+                                     legendgroup=task, showlegend=False, line=line), 1, 2)  # fmt: skip
+        fig.update_yaxes(title_text="beta", row=1, col=1)
+        fig.update_yaxes(title_text="accuracy (argmax over the labels)", row=1, col=2)
         fig.add_hline(y=0.0, line_dash="dot", row=1, col=1)
         fig.update_xaxes(title_text="fraction of demo labels flipped")
         fig.update_layout(title=f"Shrink toward the zero-shot prediction at {self.noise_shots} shots")

@@ -20,7 +20,6 @@ def test_icl_tiny_bound_task_needs_its_induction_heads(icl_tiny):
     assert own["accuracy"] - own["accuracy_ablated"] > own["accuracy"] - own["accuracy_control"]
 
 
-@pytest.mark.unit
 def test_reading_near_chance_tells_no_dependence():
     """A task within MIN_MARGIN of chance has nothing to lose: 'too close to chance to tell', not 'depends'."""
     from icl_circuits.analyze.label_binding import MIN_MARGIN, LabelBinding

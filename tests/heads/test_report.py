@@ -47,3 +47,10 @@ def test_demo_scans_icl_tiny(tmp_path, capsys):
     page = (tmp_path / "head_scan.html").read_text()
     text = re.sub(r"<script.*?</script>", "", page, flags=re.S)
     assert "mean-ablation effect < 0 nats" in text and "-0.0 " not in text  # no negative zero
+
+
+def test_ranked_note_says_the_20_highest_only_when_there_are_more():
+    from icl_circuits.heads.report import ranked_note
+
+    assert ranked_note(16, 20) == "All 16 heads, by induction score."
+    assert ranked_note(270, 20).startswith("The 20 highest induction scores of 270 heads")
