@@ -40,3 +40,4 @@ def test_table_has_no_pandas_index_column():
     assert "<th>task</th>" in table_html(df.set_index("layer").rename_axis("task"))
     labelled = table_html(pd.DataFrame({"v": [1.0, 2.0]}, index=["L0H1", "L1H0"]))
     assert "L0H1" in labelled and "<th>index</th>" in labelled
+    assert html.startswith('<div class="table-wrap">')  # wide tables scroll inside their box, not the page

@@ -146,11 +146,16 @@ def test_tour_notebook_executes(fixture_like, tmp_path, monkeypatch):
     monkeypatch.setenv("ICL_TOUR_MODEL", str(fixture_like[1]))
     monkeypatch.setenv("ICL_TOUR_N", "4")
     monkeypatch.setenv("ICL_TOUR_OUT", str(tmp_path / "tour"))
+    monkeypatch.setenv("PLOTLY_RENDERER", "plotly_mimetype+notebook")  # the README's HTML-export renderer
     nb = nbformat.read(ROOT / "analyses" / "tour.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert errors == []
     assert len(list((tmp_path / "tour").glob("*.html"))) == 6
+    # each figure also as HTML (what an nbconvert --to html export shows where plotly's JSON is not rendered)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "data" in o]
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o["data"]]
+    assert len(figures) == 6 and all("Plotly.newPlot" in o["data"].get("text/html", "") for o in figures)
 
 
 @pytest.mark.real_model

@@ -27,6 +27,9 @@ def test_cli_writes_json_and_offline_html(fixture_shaped, tmp_path):
     html = (out / "fast_weights.html").read_text()
     assert not re.search(r"<script[^>]+src=[\"']https?:", html) and "Plotly" in html
     assert "<bound method" not in html and "Top head by the demo part" in html
+    # explained_variance (far below 0 where the demo part barely varies) is in the JSON, explained, not tabled
+    assert "explained_variance" in data["heads"][0] and "<th>explained_variance</th>" not in html
+    assert "falls far below 0 where the demo part barely varies" in html and "<th>index</th>" not in html
     assert main(["fast-weights", "--model", model_dir, "--task", "fixture-recorded0", "--heads", "9.9"]) == 2
 
 
@@ -76,3 +79,13 @@ def test_reading_at_chance_reads_no_transplant_and_no_beta(fixture_shaped):
     assert "no better than its best control (0.80)" in as_control.findings()["reading"]
     none = replace(good, transplant=replace(good.transplant, fast_weight_acc=0.0))
     assert "neither the task vector" in none.findings()["reading"]
+
+
+def test_a_task_is_a_name_or_a_task(fixture_shaped):
+    from icl_circuits.fast_weights.job import run_fast_weights
+    from icl_circuits.tasks.registry import get_task
+
+    kw = {"heads": [(1, 0)], "n": 8, "seed": 1, "transplant": False, "predictions": False}
+    by_name = run_fast_weights(fixture_shaped, "fixture-recorded0", 3, **kw)
+    by_task = run_fast_weights(fixture_shaped, get_task("fixture-recorded0", fixture_shaped), 3, **kw)
+    assert by_task.to_dict() == by_name.to_dict()
