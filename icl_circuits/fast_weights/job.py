@@ -87,7 +87,8 @@ class FastWeightsRun(Result):
         return None if not f else at_chance(f["accuracy"], f["chance"], int(f["n"]))
 
     def _transplant_reading(self) -> str:
-        """What the transplant supports: accuracies at or above chance (and against the controls), computed."""
+        """What the transplant supports, computed: each insertion's accuracy against chance, then against the
+        best of zero-shot and its controls (2 binomial standard errors, :func:`at_chance`)."""
         t, f = self.transplant, self.few_shot
         if t is None or not f:
             return ""
@@ -102,13 +103,13 @@ class FastWeightsRun(Result):
             ("the task vector", t.with_vector_acc, (t.random_control_acc, t.shuffled_control_acc)),
             ("the linear fast weight", t.fast_weight_acc, (t.fast_weight_random_acc, t.fast_weight_shuffled_acc)),
         ):
-            ctl = max(controls)
+            base = max(t.zero_shot_acc, *controls)  # what it must beat: no insertion, and its controls
             if at_chance(acc, chance, n):
                 parts.append(f"{name} leaves it at chance ({acc:.2f})")
-            elif acc <= ctl + 2.0 * (max(ctl * (1 - ctl), 1e-12) / n) ** 0.5:
-                parts.append(f"{name} gives {acc:.2f}, no better than its best control ({ctl:.2f})")
+            elif at_chance(acc, base, n):
+                parts.append(f"{name} gives {acc:.2f}, no better than zero-shot or its controls (best {base:.2f})")
             else:
-                parts.append(f"{name} gives {acc:.2f}, above chance and its controls (best {ctl:.2f})")
+                parts.append(f"{name} gives {acc:.2f}, above zero-shot and its controls (best {base:.2f})")
         return (f"Held-out zero-shot accuracy {t.zero_shot_acc:.2f} (chance {chance:.2f}, n = {n}); "
                 + "; ".join(parts) + ".")
 

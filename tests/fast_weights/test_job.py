@@ -64,19 +64,21 @@ def test_reading_at_chance_reads_no_transplant_and_no_beta(fixture_shaped):
     assert f["at_chance"] is True and run.to_dict()["few_shot_at_chance"] is True
     assert "is at chance" in f["reading"] and "not interpreted" in f["reading"]
     page = " ".join(p for s in run.sections() for p in s.paragraphs)
-    assert "beta is not read" in page and "shrinkage beta 0" not in page and "above chance and" not in page
+    assert "beta is not read" in page and "shrinkage beta 0" not in page and "above zero-shot and" not in page
     assert "not read as a transplanted task" in page
     learnt = replace(run, few_shot={**run.few_shot, "accuracy": 0.9})
     assert learnt.findings()["at_chance"] is False and "is at chance" not in learnt.findings()["reading"]
     assert "shrinkage beta" in " ".join(p for s in learnt.sections() for p in s.paragraphs)
     t = run.transplant
-    good = replace(learnt, transplant=replace(t, fast_weight_acc=0.8, fast_weight_random_acc=0.1,
+    good = replace(learnt, transplant=replace(t, zero_shot_acc=0.05, fast_weight_acc=0.8, fast_weight_random_acc=0.1,
                                               fast_weight_shuffled_acc=0.2, with_vector_acc=0.0))  # fmt: skip
     text = good.findings()["reading"]
-    assert "the linear fast weight gives 0.80, above chance and its controls (best 0.20)" in text
+    assert "the linear fast weight gives 0.80, above zero-shot and its controls (best 0.20)" in text
     assert "the task vector leaves it at chance (0.00)" in text
     as_control = replace(good, transplant=replace(good.transplant, fast_weight_shuffled_acc=0.8))
-    assert "no better than its best control (0.80)" in as_control.findings()["reading"]
+    assert "no better than zero-shot or its controls (best 0.80)" in as_control.findings()["reading"]
+    recorded = replace(good, transplant=replace(good.transplant, zero_shot_acc=0.85))  # known without demos
+    assert "no better than zero-shot or its controls (best 0.85)" in recorded.findings()["reading"]
     none = replace(good, transplant=replace(good.transplant, fast_weight_acc=0.0))
     assert "neither the task vector" in none.findings()["reading"]
 
