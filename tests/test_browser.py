@@ -111,5 +111,8 @@ def test_report_renders_offline(kind, tmp_path):
     page = render(path, SHOTS / f"{kind}.png")
     assert page.console_errors == []
     assert page.dom.count('class="main-svg"') >= min_plots, "plotly figures did not render"
+    # the page inlines the 1.5 MB cartesian bundle (every trace type is one of it), and every figure rendered
+    assert "plotly.js (cartesian - minified)" in html[:5000] and len(html) < 3_500_000
+    assert page.dom.count("js-plotly-plot") == html.count("Plotly.newPlot("), "a figure did not render"
     assert page.dom.count("<canvas") >= min_views, "circuitsvis views did not render"
     assert page.screenshot.is_file() and page.screenshot.stat().st_size > 10_000

@@ -41,3 +41,27 @@ def test_table_has_no_pandas_index_column():
     labelled = table_html(pd.DataFrame({"v": [1.0, 2.0]}, index=["L0H1", "L1H0"]))
     assert "L0H1" in labelled and "<th>index</th>" in labelled
     assert html.startswith('<div class="table-wrap">')  # wide tables scroll inside their box, not the page
+
+
+def test_page_inlines_the_cartesian_bundle_only_when_it_covers_every_trace(monkeypatch):
+    """Heatmap, scatter, bar and box pages get the vendored 1.5 MB bundle; another trace type, or a plotly whose
+    plotly.js version differs from the vendored file's, gets the full bundle of the plotly package."""
+    import plotly.graph_objects as go
+    import plotly.offline
+    from plotly.offline import get_plotlyjs
+
+    from icl_circuits import report
+    from icl_circuits.report import CARTESIAN_JS, figure_html, trace_types
+
+    figs = [go.Figure(go.Heatmap(z=[[1]])), go.Figure([go.Scatter(y=[1]), go.Bar(y=[1]), go.Box(y=[1])])]
+    small = render_page("t", [Section("s", "".join(figure_html(f) for f in figs))])
+    assert trace_types(small) == {"heatmap", "scatter", "bar", "box"}
+    assert CARTESIAN_JS.read_text(encoding="utf-8") in small and get_plotlyjs() not in small
+    other = render_page("t", [Section("s", figure_html(go.Figure(go.Scatter3d(x=[1], y=[1], z=[1]))))])
+    assert get_plotlyjs() in other
+    report._cartesian_js.cache_clear()
+    monkeypatch.setattr(plotly.offline, "get_plotlyjs_version", lambda: "0.0.0")
+    try:
+        assert get_plotlyjs() in render_page("t", [Section("s", figure_html(figs[0]))])
+    finally:
+        report._cartesian_js.cache_clear()
