@@ -34,3 +34,5 @@ def test_reading_near_chance_tells_no_dependence():
     assert r.depends(r.rows[0]) is None and r.depends(r.rows[1]) is True
     text = r.findings()["reading"]
     assert "too close to chance to tell: near (own)" in text and "depend on them: far (own)" in text
+    paragraphs = r.sections()[0].paragraphs  # split per task on the page, not one long paragraph
+    assert len(paragraphs) == 4 and paragraphs[1].startswith("near: own labels") and paragraphs[2].startswith("far:")
