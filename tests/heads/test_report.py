@@ -46,7 +46,7 @@ def test_demo_scans_icl_tiny(tmp_path, capsys):
     assert all(h["ablation"] is not None for h in doc["heads"])
     page = (tmp_path / "head_scan.html").read_text()
     text = re.sub(r"<script.*?</script>", "", page, flags=re.S)
-    assert "mean-ablation effect < 0 nats" in text and "-0.0 " not in text  # no negative zero
+    assert "mean-ablation effect &lt; 0 nats" in text and "-0.0 " not in text  # no negative zero (HTML-escaped <)
 
 
 def test_ranked_note_says_the_20_highest_only_when_there_are_more():
