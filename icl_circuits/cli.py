@@ -388,6 +388,7 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
               f"shuffled {t.shuffled_control_acc:.3f}; with the fast weight {t.fast_weight_acc:.3f}, random "
               f"{t.fast_weight_random_acc:.3f}, shuffled {t.fast_weight_shuffled_acc:.3f}, softmax memory "
               f"{t.memory_acc:.3f}")  # fmt: skip
+    print(run.findings()["reading"])
     for what in run.skipped:
         print(f"skipped: {what}")
     prov = provenance(model, args.seed, task=args.task, shots=args.shots, heads=args.heads, n=args.n, top=args.top)

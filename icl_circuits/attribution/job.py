@@ -324,12 +324,13 @@ def _aligned_by_role(roles: PromptRoles | None, batch: PatchingBatch) -> str:
 
 
 def position_labels(roles: PromptRoles, token_strs: tuple[str, ...]) -> list[str]:
-    """Axis labels of per-position results by role (``d2 demo_label``, ``query_arrow``) and first-prompt token."""
+    """Axis labels of per-position results by role (``d2 demo_label``: the second demo, numbered 1..k as in every
+    report; ``query_arrow``) and first-prompt token."""
     out = []
     for p, tok in enumerate(token_strs):
         r, d = int(roles.roles[0, p]), int(roles.demo_index[0, p])
         name = ROLE_NAMES[r] if r >= 0 else "pad"
-        out.append(f"{p}:{'d' + str(d) + ' ' if d >= 0 else ''}{name} {tok}")
+        out.append(f"{p}:{'d' + str(d + 1) + ' ' if d >= 0 else ''}{name} {tok}")  # demos 1..k, as everywhere
     return out
 
 

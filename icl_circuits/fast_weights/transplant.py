@@ -351,6 +351,7 @@ class TransplantResult(Result):
         sweep.add_hline(y=self.zero_shot_acc, line_dash="dash", annotation_text="zero-shot")
         sweep.update_layout(title="Test accuracy by layer of insertion (mean over folds; for reading only: "
                                   "the headline layer is chosen on validation)", xaxis_title="layer (resid_pre)",
+                            xaxis_dtick=1,
                             yaxis_title="accuracy", yaxis_range=[0, 1.05])  # fmt: skip
         names = ["zero-shot", "with fast weight", "random (same spectrum)", "shuffled-label", "softmax memory"]
         vals = [self.zero_shot_acc, self.fast_weight_acc, self.fast_weight_random_acc, self.fast_weight_shuffled_acc,
@@ -362,7 +363,7 @@ class TransplantResult(Result):
                                                              "full rank, one layer's heads at a time"))  # fmt: skip
         curve.add_trace(go.Scatter(x=[str(r) for r, _ in self.by_rank], y=[a for _, a in self.by_rank],
                                    mode="lines+markers", name="by rank"), row=1, col=1)  # fmt: skip
-        curve.add_trace(go.Bar(x=[str(l) for l, _ in self.by_layer], y=[a for _, a in self.by_layer],
+        curve.add_trace(go.Bar(x=[f"L{l}" for l, _ in self.by_layer], y=[a for _, a in self.by_layer],
                                name="by layer"), row=1, col=2)  # fmt: skip
         curve.add_hline(y=self.zero_shot_acc, line_dash="dash", annotation_text="zero-shot")
         curve.update_xaxes(title_text="rank r", type="category", row=1, col=1)

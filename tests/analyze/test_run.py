@@ -146,11 +146,16 @@ def test_tour_notebook_executes(fixture_like, tmp_path, monkeypatch):
     monkeypatch.setenv("ICL_TOUR_MODEL", str(fixture_like[1]))
     monkeypatch.setenv("ICL_TOUR_N", "4")
     monkeypatch.setenv("ICL_TOUR_OUT", str(tmp_path / "tour"))
+    monkeypatch.setenv("PLOTLY_RENDERER", "plotly_mimetype+notebook")  # the README's HTML-export renderer
     nb = nbformat.read(ROOT / "analyses" / "tour.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert errors == []
     assert len(list((tmp_path / "tour").glob("*.html"))) == 6
+    # each figure also as HTML (what an nbconvert --to html export shows where plotly's JSON is not rendered)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "data" in o]
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o["data"]]
+    assert len(figures) == 6 and all("Plotly.newPlot" in o["data"].get("text/html", "") for o in figures)
 
 
 @pytest.mark.real_model
@@ -169,3 +174,27 @@ def test_cli_analyze_on_the_loaded_real_model(smollm2, name, tmp_path, capsys):
     assert tasks and not any(t.startswith("fixture-") for t in tasks), data.keys()
     assert '<script src="http' not in (tmp_path / f"{stem}.html").read_text()
     assert data["findings"]["reading"] and data["findings"]["reading"].split()[0] in capsys.readouterr().out
+
+
+@pytest.mark.fixture
+@pytest.mark.parametrize("name", [n for n in SMALL if n != "record-vs-circuit"])
+def test_a_task_is_a_name_or_a_task(name, fixture_like):
+    """``tasks=`` takes names or ``Task`` objects (resolved by ``get_task``): the same task either way gives the
+    same result; a task outside the registry (a renamed ``Task``) runs under its own name."""
+    from dataclasses import replace
+
+    model, _ = fixture_like
+    given = "fixture-rule-shift3" if name == "unseen-task" else "fixture-bound"
+    kw = {"seed": 2, "progress": False, **SMALL[name]}
+    by_name = ANALYSES[name].run(model, tasks=[given], **kw)
+    if set(SMALL[name]) == {"n"}:  # run_analysis passes n, tasks and seed
+        by_task = run_analysis(name, model, tasks=[get_task(given, model)], **kw)
+    else:
+        by_task = ANALYSES[name].run(model, tasks=[get_task(given, model)], **kw)
+    assert by_task.to_dict() == by_name.to_dict()
+    renamed = replace(get_task(given, model), name="my-task")
+    own = ANALYSES[name].run(model, tasks=[renamed], **kw)
+    shown = set(own.to_dataframe()["task"])
+    assert "my-task" in shown and given not in shown
+    with pytest.raises(TaskError, match="distinct names"):
+        ANALYSES[name].run(model, tasks=[given, get_task(given, model)], **kw)
