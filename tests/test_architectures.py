@@ -113,17 +113,3 @@ def test_attribute_job_on_grouped_query_models_uses_kv_heads_for_k_and_v(models)
     l_r, _ = att.path_receiver
     assert att.paths["q"].patched_logit_diff.shape[:2] == (l_r, model.cfg.n_heads)
     assert att.positions is not None  # the fixture tokenizer: every prompt has the same role layout
-
-
-def test_per_position_results_refuse_prompts_whose_roles_do_not_align():
-    from types import SimpleNamespace
-
-    from icl_circuits.attribution.job import _aligned_by_role
-    from icl_circuits.tasks.roles import roles_from_tokens
-
-    tokens = torch.tensor([[0, 5, 3, 6, 4, 7, 3], [0, 5, 8, 3, 6, 4, 3]])  # demo input of 1 vs 2 tokens
-    last = torch.tensor([6, 6])
-    roles = roles_from_tokens(tokens, arrow_id=3, sep_id=4, last_positions=last)
-    assert "different roles" in _aligned_by_role(roles, SimpleNamespace(last_positions=last))
-    same = roles_from_tokens(tokens[:1].repeat(2, 1), arrow_id=3, sep_id=4, last_positions=last)
-    assert _aligned_by_role(same, SimpleNamespace(last_positions=last)) == ""
