@@ -481,8 +481,9 @@ def attribution_patch(
     one of ``z``, ``q``, ``k``, ``v``, ``pattern``. ``graddrop=False`` skips the ``L`` extra backwards;
     ``fast_activations``, ``roles`` and ``same_layout`` as in
     :func:`~icl_circuits.patching.exact.activation_patch`: with ``per_position`` and ``roles`` the grid is
-    ``(layer, role, head)``, each slot's estimate the sum of its positions' estimates per prompt -- AtP's linear estimate of patching them together; with the QK fix
-    (``q``/``k``) the per-position fixes summed, not one joint fix (``notes`` says so); AtP*'s GradDrop
+    ``(layer, role, head)``, each slot's estimate the sum of its positions' estimates per prompt -- AtP's
+    linear estimate of patching them together; with the QK fix (``q``/``k``) the per-position fixes
+    summed, not one joint fix (``notes`` says so); AtP*'s GradDrop
     magnitude is taken of that sum, per dropped layer.
 
     Raises:
