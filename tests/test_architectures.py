@@ -18,7 +18,8 @@ pytestmark = pytest.mark.fixture  # tiny random models of each architecture, bui
 
 # (architecture, cell) -> a phrase the refusal must contain: what the architecture does not support
 REFUSED = {
-    ("gemma2", "AtP* QK fix"): "attention soft-capping",
+    ("gemma2", "AtP* QK fix on q"): "attention soft-capping",
+    ("gemma2", "AtP* QK fix on k"): "attention soft-capping",
     ("gemma2", "fw decomposition"): "attention soft-capping",
     ("gemma2", "fw memory read"): "attention soft-capping",
     ("gemma2", "transplant"): "attention soft-capping",
@@ -60,7 +61,7 @@ def test_atp_on_neox_whose_rotary_hooks_never_fire(models):
     and matches the exact pattern change of a real forward with q patched."""
     model, b = models("neox")
     assert "blocks.0.attn.hook_rot_q" in model.hook_dict
-    for cell in ("AtP z", "AtP* QK fix"):
+    for cell in ("AtP z", "AtP* QK fix on q"):
         r = mx.run_cell(cell, model, b)
         assert r.status == "verified", (cell, r)
 

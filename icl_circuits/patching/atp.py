@@ -320,9 +320,14 @@ def _backward_passes(
 
         return hook
 
+    cut_fired: set[str] = set()
+
     def cut(layer: int) -> Callable[..., torch.Tensor | None]:
         def hook(g: torch.Tensor, hook: Any) -> torch.Tensor | None:
-            return torch.zeros_like(g) if state["drop"] == layer else None
+            if state["drop"] != layer:
+                return None
+            cut_fired.add(hook.name)
+            return torch.zeros_like(g)
 
         return hook
 
@@ -331,7 +336,10 @@ def _backward_passes(
     forward_only = ("attn_scores", "rot_q", "rot_k", "hook_cos", "hook_sin", "q_normed", "k_normed")
     bwd_hooks: list[tuple[str, Any]] = [(n, bwd(n)) for n in present if not n.endswith(forward_only)]
     for l in {d for d in drops if d is not None}:
-        bwd_hooks += [(f"blocks.{l}.hook_attn_out", cut(l)), (f"blocks.{l}.hook_mlp_out", cut(l))]
+        for name in (f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"):
+            if name not in model.hook_dict:
+                raise InputError(f"GradDrop cuts layer {l}'s attention and MLP writes, but this model has no {name}")
+            bwd_hooks.append((name, cut(l)))
     if "ln_final.hook_out" in model.hook_dict:  # LD from the final normed residual: no [batch, pos, d_vocab] backward
         fwd_hooks.append(("ln_final.hook_out", lambda x, hook: state.update(normed=x)))
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
@@ -350,6 +358,11 @@ def _backward_passes(
             state["drop"] = drop
             grads.clear()
             torch.autograd.grad(total, state["leaf"], retain_graph=True)
+            missed = [n for n in (f"blocks.{drop}.hook_attn_out", f"blocks.{drop}.hook_mlp_out")
+                      if drop is not None and n not in cut_fired]  # fmt: skip
+            if missed:  # the cut would silently do nothing: the write does not pass through that hook
+                raise InputError(f"GradDrop: the gradient never passed {missed} on this model, so layer {drop}'s "
+                                 "writes cannot be cut there; use graddrop=False")  # fmt: skip
             consume(drop, dict(grads), acts)
     return ld.detach().float()
 
