@@ -280,6 +280,8 @@ def attribute(
                          "normalised effects divide by it and are unreliable")  # fmt: skip
     if atp is not None:
         notes.extend(f"AtP: {n}" for n in atp.notes)
+    if exact is not None:
+        notes.extend(f"exact patching: {n}" for n in exact.notes)
     scan = scan_heads(model, ablation=False, progress=False, seed=seed)
     att = Attribution(
         model=model_info(model).spec, task=batch.task, n_shots=shots, corruption=corruption, direction=direction,

@@ -71,9 +71,9 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     x = x.double().reshape(-1)
     order = torch.argsort(x)
     ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=torch.double)
+    ranks[order] = torch.arange(len(x), dtype=torch.double, device=x.device)
     _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=torch.double).scatter_add_(0, inverse, ranks)
+    sums = torch.zeros(len(counts), dtype=torch.double, device=x.device).scatter_add_(0, inverse, ranks)
     return (sums / counts)[inverse]
 
 

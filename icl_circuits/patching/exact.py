@@ -77,6 +77,7 @@ class PatchEffects(Result):
     corrupted_logit_diff: torch.Tensor
     method: str = "exact"
     labels: tuple[str, ...] = ()  # the role slots' names when an axis is "role"
+    notes: tuple[str, ...] = ()  # what the run could not do as planned (e.g. a shortcut that raised), in words
 
     title = "Activation patching"
 
@@ -119,10 +120,10 @@ class PatchEffects(Result):
         batch = int(self.patched_logit_diff.shape[-1])
         gen = torch.Generator().manual_seed(int(seed))
         idx = torch.randint(batch, (n_resamples, batch), generator=gen)
-        counts = torch.zeros(n_resamples, batch).scatter_add_(1, idx, torch.ones(n_resamples, batch))
-        stats = self._ratio_of_means(counts.to(self.patched_logit_diff.dtype))
+        counts = torch.zeros(n_resamples, batch).scatter_add_(1, idx, torch.ones(n_resamples, batch))  # cpu: seeded
+        stats = self._ratio_of_means(counts.to(self.patched_logit_diff))  # on the results' device and dtype
         alpha = (1.0 - confidence) / 2
-        q = torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype)
+        q = torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype, device=stats.device)
         low, high = torch.quantile(stats, q, dim=-1)
         return low, high
 
@@ -225,7 +226,7 @@ class PatchEffects(Result):
             "axis_names": list(self.axis_names), "patched_logit_diff": self.patched_logit_diff.tolist(),
             "clean_logit_diff": self.clean_logit_diff.tolist(),
             "corrupted_logit_diff": self.corrupted_logit_diff.tolist(), "mean": self.mean().tolist(),
-            **({"labels": list(self.labels)} if self.labels else {}),
+            **({"labels": list(self.labels)} if self.labels else {}), "notes": list(self.notes),
         }  # fmt: skip
 
 
@@ -261,7 +262,7 @@ def check_inputs(
     if bool((answer_tokens == contrast_tokens).any()):
         raise InputError("an answer token equals its contrast token: the logit difference would be 0")
     if answer_positions is None:
-        return torch.full((batch,), n_pos - 1, dtype=torch.long)
+        return torch.full((batch,), n_pos - 1, dtype=torch.long)  # cpu: positions index, like the tokens
     if answer_positions.shape != (batch,) or int(answer_positions.min()) < 0 or int(answer_positions.max()) >= n_pos:
         raise InputError(f"answer_positions must be [batch={batch}] with values in 0..{n_pos - 1}")
     return answer_positions.long()
@@ -535,4 +536,5 @@ def _sweep(
         clean_logit_diff=clean.logit_diff,
         corrupted_logit_diff=corrupted.logit_diff,
         labels=slots.names if slots is not None else (),
+        notes=(base.shortcut_note,) if base.shortcut_note else (),
     )
