@@ -37,7 +37,7 @@ from icl_circuits.patching.exact import Direction, PatchEffects, activation_patc
 from icl_circuits.results import Result, renamed_kwargs
 from icl_circuits.tasks.pairs import PatchingBatch, patching_batch
 from icl_circuits.tasks.registry import Task, get_task
-from icl_circuits.tasks.roles import PromptRoles
+from icl_circuits.tasks.roles import PromptRoles, role_slots
 
 METHODS = ("patching", "atp", "atp*")
 METHOD_CHOICES = (*METHODS, "all")
@@ -270,7 +270,12 @@ def attribute(
         if roles is None:
             notes.append("residual stream by role skipped: no token roles to align positions across prompts")
         else:  # by role: with a real tokenizer inputs and labels differ in token length from prompt to prompt
-            pos = activation_patch(*args, "resid_pre", per_position=True, progress=progress, roles=roles, **kw)
+            try:
+                slots = role_slots(roles)
+            except InputError as e:  # e.g. a label holding the separator token: demo counts differ
+                notes.append(f"residual stream by role skipped: {e}")
+            else:
+                pos = activation_patch(*args, "resid_pre", per_position=True, progress=progress, roles=slots, **kw)
     primary_eff = exact if exact is not None else (atp.estimate("atp") if atp is not None else None)
     if primary_eff is not None:
         ld_gap = float((primary_eff.clean_logit_diff - primary_eff.corrupted_logit_diff).mean())
