@@ -149,3 +149,27 @@ def test_residual_stream_by_role_on_a_real_tokenizer(aidreams):
             (name, lambda t, hook: torch.where(mask[:, :, None], cache[name], t))])
     patched = logits[rows, b.last_positions, b.answer_tokens] - logits[rows, b.last_positions, b.contrast_tokens]
     torch.testing.assert_close(att.positions.patched_logit_diff[layer, slot], patched.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.fixture
+def test_what_is_skipped_or_unreliable_is_said(ind2l, monkeypatch):
+    """Token roles that cannot be assigned (TokenizationError: it was swallowed) skip the per-demo and by-role
+    views, and a clean-corrupted gap <= 0 makes the normalised effects unreliable: each is a note in the result
+    (and its JSON) and a printed warning, never silent."""
+    from icl_circuits.errors import TokenizationError
+    from icl_circuits.tasks import roles as roles_module
+
+    def no_roles(*args, **kwargs):
+        raise TokenizationError("no arrow here")
+
+    monkeypatch.setattr(roles_module, "roles_from_tokens", no_roles)
+    task = get_task("fixture-bound", ind2l)
+    with pytest.warns(UserWarning) as seen:
+        att = attribute(ind2l, task, shots=4, n=4, method="patching", paths=False, progress=False)
+    assert att.demos is None and att.positions is None
+    notes = att.to_dict()["notes"]
+    assert any("per-demo attribution skipped" in n and "no arrow here" in n for n in notes), notes
+    assert any("residual stream by role skipped" in n for n in notes), notes
+    gap = float((att.heads["patching"].clean_logit_diff - att.heads["patching"].corrupted_logit_diff).mean())
+    assert any("gap" in n for n in notes) == (gap <= 0.01 * float(att.heads["patching"].clean_logit_diff.abs().mean()))
+    assert {str(w.message) for w in seen} >= set(notes)
