@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Writes head_scan.json and the offline report head_scan.html.", _cmd_head_scan)  # fmt: skip
     add_model_args(p)
     p.add_argument("--seq-len", type=at_least(2), default=20,
-                   help="length n of the random segment in [BOS, r, r] (default 20)")  # fmt: skip
+                   help="length n of the random segment in [BOS?, r, r] (BOS per --bos; default 20)")  # fmt: skip
     p.add_argument("--batch", type=at_least(1), default=16, help="sequences per measurement (default 16)")
     p.add_argument("--no-ablation", action="store_true", help="skip the mean-ablation sweep (one forward per head)")
     _out_arg(p, "out/head_scan", "head_scan.json and head_scan.html")

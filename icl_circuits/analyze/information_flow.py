@@ -66,7 +66,7 @@ def saliency(
     L = int(model.cfg.n_layers)
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
     device = getattr(model.cfg, "device", None) or "cpu"
-    out = torch.zeros(padded.shape[0], L, padded.shape[1], padded.shape[1])
+    out = torch.zeros(padded.shape[0], L, padded.shape[1], padded.shape[1])  # cpu: saliency gathered there
     captured: dict[str, torch.Tensor] = {}
 
     def leaf(x: torch.Tensor, hook: Any) -> torch.Tensor:

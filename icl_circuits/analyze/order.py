@@ -300,7 +300,7 @@ def _task_rows(model: Any, given: TaskArg, k: int, n_sets: int, n_orders: int, m
     }
     rows = []
     n_cond = int(cond.max()) + 1
-    head_mean = torch.zeros(n_cond, *dla.shape[1:])
+    head_mean = torch.zeros(n_cond, *dla.shape[1:], device=dla.device)
     for j in range(n_cond):
         sel = cond == j
         rows.append({"task": name, "set": j // n_o, "order": j % n_o, "n_queries": int(sel.sum()),

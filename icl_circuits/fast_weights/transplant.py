@@ -203,9 +203,9 @@ def random_fast_weight(W: torch.Tensor, b: torch.Tensor, gen: torch.Generator) -
     """The control: ``W``'s singular values on random orthonormal singular vectors, and ``b``'s norms in
     random directions."""
     S = torch.linalg.svdvals(W)
-    U = torch.linalg.qr(torch.randn(W.shape, generator=gen)).Q
-    V = torch.linalg.qr(torch.randn(W.shape, generator=gen)).Q
-    r = torch.randn(b.shape, generator=gen)
+    U = torch.linalg.qr(torch.randn(W.shape, generator=gen).to(W)).Q  # cpu generator, then W's device
+    V = torch.linalg.qr(torch.randn(W.shape, generator=gen).to(W)).Q  # cpu generator, then W's device
+    r = torch.randn(b.shape, generator=gen).to(b)  # cpu generator, then b's device
     return (U * S[..., None, :]) @ V.mT, r / r.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True)
 
 
@@ -483,7 +483,7 @@ def transplant_test(
             dec = fw.decompose(model, tok, roles, hs)
         vec = fw.task_vector(dec, hs)
         vec_s = fw.task_vector(fw.decompose(model, tok_s, roles_s, hs), hs)
-        randoms = torch.randn(n_random, vec.shape[0], generator=gen)
+        randoms = torch.randn(n_random, vec.shape[0], generator=gen).to(vec)  # cpu generator, then vec's device
         randoms = randoms / randoms.norm(dim=-1, keepdim=True) * vec.norm()
         sets = {}
         for split, keys in (("val", train_keys), ("test", test_keys)):

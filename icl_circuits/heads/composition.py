@@ -132,7 +132,7 @@ def composition_scores(model: Any, mode: str) -> torch.Tensor:
     W = _weights(model)
     P, R = _receiver_factors(W, mode)
     L, H = W["Q"].shape[:2]
-    out = torch.zeros(L, H, L, H, dtype=torch.float64)
+    out = torch.zeros(L, H, L, H, dtype=torch.float64, device=W["Q"].device)
     for b in range(1, L):
         V, O = W["V"][:b].flatten(0, 1), W["O"][:b].flatten(0, 1)  # every head of the layers below b
         out[:b, :, b] = _scores_into(V, O, P[b], R[b]).reshape(b, H, H)
@@ -164,7 +164,7 @@ def composition_baseline(
         raise InputError(f"need n >= 2 random draws for a standard deviation, got {n}")
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(n, *shape, generator=generator, dtype=torch.float64)
+        return torch.randn(n, *shape, generator=generator, dtype=torch.float64)  # cpu: no model tensor involved
 
     V, O = randn(d_model, d_head), randn(d_head, d_model)
     first, second = randn(d_model, d_head), (randn(d_head, d_model) if mode == "V" else randn(d_model, d_head))

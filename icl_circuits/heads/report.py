@@ -70,7 +70,7 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
     summary = Section(
         "Summary",
         f"<pre>{html.escape(scan.summary())}</pre>",
-        f"Measured on {scan.batch} sequences [BOS, r, r] with |r| = {scan.seq_len} random ordinary tokens "
+        f"Measured on {scan.batch} sequences {scan.layout} with |r| = {scan.seq_len} random ordinary tokens "
         f"(seed {scan.seed}); prefix matching on {scan.prefix_repeats} copies of |r| = {scan.prefix_seq_len}. "
         f"Induction head: induction score >= {th.induction} and it acts on what it attends to: copying > "
         f"{th.min_copying:g}"  # :g and + 0.0: "0", never "-0.0"

@@ -131,8 +131,13 @@ class HeadScan(Result):
     loss_early: float
     loss_late: float
     induction_change: torch.Tensor | None  # [L, H, L, H] (sender ablated, receiver) or None without the sweep
-    tokens: torch.Tensor = field(repr=False)  # [batch, 1 + 2 * seq_len], the [BOS, r, r] sequences
+    tokens: torch.Tensor = field(repr=False)  # [batch, o + 2 * seq_len], the [BOS?, r, r] sequences (o = BOS or not)
     thresholds: RoleThresholds = field(default_factory=RoleThresholds)
+
+    @property
+    def layout(self) -> str:
+        """``"[BOS, r, r]"`` when the sequences start with the model's BOS, else ``"[r, r]"``."""
+        return "[BOS, r, r]" if int(self.tokens.shape[1]) > 2 * self.seq_len else "[r, r]"
 
     @property
     def n_layers(self) -> int:
@@ -201,7 +206,7 @@ class HeadScan(Result):
         keep = (z >= self.thresholds.feeder_min_z) & (excess >= self.thresholds.feeder_fraction * excess.max())
         chosen = sorted(((l, h) for l, h in keep.nonzero().tolist()), key=lambda lh: -float(k[lh]))
         by_ablation: list[tuple[int, int]] = []
-        drop = torch.zeros(0)
+        drop = torch.zeros(0)  # cpu: empty placeholder, like the CPU scan results
         if self.induction_change is not None:
             drop = -self.induction_change[:l_r, :, l_r, h_r]  # [l_r, H]: induction score lost
             th = self.thresholds
@@ -395,7 +400,8 @@ class HeadScan(Result):
             f"{self.model}: induction heads: {ind} (highest induction score "
             f"{float(self.scores['induction'].max()):.3f} at L{best[0]}H{best[1]}; "
             f"threshold {self.thresholds.induction}).",
-            f"In-context score (loss late - early on [BOS, r, r], n={self.seq_len}): {self.in_context_score:+.3f} nats "
+            f"In-context score (loss late - early on {self.layout}, n={self.seq_len}): "
+            f"{self.in_context_score:+.3f} nats "
             f"({self.loss_early:.3f} -> {self.loss_late:.3f}).",
         ]
         lines += ["Circuit: " + f.describe() for f in self.circuit]
@@ -447,7 +453,8 @@ def scan_heads(
     """Scan every head of ``model`` (a TransformerBridge in compatibility mode).
 
     Args:
-        seq_len: ``n``, the length of the random segment ``r`` in ``[BOS, r, r]`` (``1 + 2n <= n_ctx``).
+        seq_len: ``n``, the length of the random segment ``r`` in ``[BOS?, r, r]`` (``o + 2n <= n_ctx``,
+            ``o = 1`` with a BOS).
         batch: sequences per measurement.
         seed: seeds the token sampler (``torch.Generator``); same seed, same sequences.
         ablation: run the mean-ablation sweep (negative effect = the head helps; see the module doc).

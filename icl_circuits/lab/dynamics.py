@@ -2,7 +2,7 @@
 
 At each checkpoint ``RUN_DIR/step-*`` (loaded with :func:`icl_circuits.load_model`), with the library's own
 measures: :func:`icl_circuits.heads.scan.scan_heads` (no ablation) gives every head's induction,
-previous-token and prefix-matching score on ``[BOS, r, r]`` and Olsson et al.'s (2022) in-context score
+previous-token and prefix-matching score on ``[BOS?, r, r]`` and Olsson et al.'s (2022) in-context score
 ``late - early`` (nats; negative = the model predicts the second copy from the first);
 :func:`icl_circuits.tasks.scoring.evaluate` gives accuracy and logit difference of each corpus family:
 ``bound`` (in-context binding, 8 demos), ``recorded`` (in-weights record, 1 demo), ``rule`` with trained

@@ -41,6 +41,7 @@ reproduce the full forward (``BaseRun.sequential``). Cost of a resumed run from 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,7 @@ class BaseRun:
     answer_tokens: torch.Tensor | None = None
     contrast_tokens: torch.Tensor | None = None
     unembed_gap: float = 0.0  # max |LD from the logits - LD from ln_final . W_U| on the captured run
+    shortcut_note: str = ""  # why check() did not use the sequential shortcuts, when they raised (also warned)
 
     @property
     def batch(self) -> int:
@@ -196,8 +198,9 @@ class BaseRun:
             raise InputError("a run can start at a mid-residual only on a model verified sequential (check())")
         n, last = rows // self.batch, self.n_layers - 1
         if positions is None:
-            positions = torch.arange(x.shape[1]).expand(self.batch, -1)
-        at_read = (torch.arange(rows)[:, None], positions.to(x.device).repeat(n, 1))  # -> [rows, P, d_model]
+            positions = torch.arange(x.shape[1], device=x.device).expand(self.batch, -1)
+        at_read = (torch.arange(rows, device=x.device)[:, None],
+                   positions.to(x.device).repeat(n, 1))  # -> [rows, P, d_model]  # fmt: skip
         armed = {"on": False}
 
         def stop(t: torch.Tensor, hook: Any) -> None:
@@ -297,8 +300,11 @@ class BaseRun:
                 self.logit_diff_from(last - 1, self.mid_resid(last - 1).repeat(2, 1, 1), mid=True) if last else fast
             )
             ok = max(float((fast - expected).abs().max()), float((from_mid - expected).abs().max())) <= tol
-        except Exception:  # noqa: BLE001 - any failure of a shortcut means: do not use it
+        except Exception as e:  # noqa: BLE001 - a failing shortcut is not used; the exact path stays; said, not hidden
             ok = False
+            self.shortcut_note = (f"the sequential-block shortcut raised {type(e).__name__}: {e}; every patched run "
+                                  "uses whole blocks instead (same numbers, slower)")  # fmt: skip
+            warnings.warn(self.shortcut_note, stacklevel=2)
         self.sequential = ok
 
 

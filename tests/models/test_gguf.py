@@ -156,33 +156,17 @@ def test_smollm2_log_softmax_matches_an_independent_hf_gguf_load(smollm2):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
-TEXTS = (
-    "The river runs through the old town, past the market and the church, before it reaches the sea.",
-    "When the committee met on Tuesday, the chair proposed a new budget for the library.",
-    "Photosynthesis is the process by which green plants use sunlight to turn water and carbon dioxide into sugar.",
-    "To make bread, mix flour, water, salt and yeast, knead the dough, and let it rise in a warm place.",
-)
-
-
 @pytest.mark.real_model
 def test_smollm2_prompts_have_no_bos_and_that_is_the_better_setting(smollm2):
-    """The decision (README, "BOS"): the GGUF says add_bos_token False, and text loss is lower without
+    """The decision (README, "Models", BOS): the GGUF says add_bos_token False, and text loss is lower without
     the tokenizer's BOS ``<|im_start|>`` than with it, on the same text targets."""
     from icl_circuits.tasks.prompts import encode
+    from scripts.bos_loss import text_losses
 
     info = model_info(smollm2)
     assert info.prepend_bos is False and "add_bos_token" in info.bos_source
     assert encode(smollm2, "Paris") == smollm2.tokenizer("Paris", add_special_tokens=False)["input_ids"]
-    losses = {}
-    for name, first in (("none", []), ("bos", [smollm2.tokenizer.bos_token_id])):
-        nll = []
-        for text in TEXTS:
-            ids = encode(smollm2, text)
-            seq = torch.tensor([first + ids])
-            with torch.no_grad():
-                logp = smollm2(seq).log_softmax(-1)[0, len(first) : len(first) + len(ids) - 1]
-            nll.append(-logp.gather(-1, torch.tensor(ids[1:])[:, None]))
-        losses[name] = torch.cat(nll).mean().item()
+    losses = text_losses(smollm2)  # scripts/bos_loss.py prints them for the README
     assert losses["none"] < losses["bos"], losses
 
 
