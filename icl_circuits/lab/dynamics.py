@@ -5,7 +5,9 @@ measures: :func:`icl_circuits.heads.scan.scan_heads` (no ablation) gives every h
 previous-token and prefix-matching score on ``[BOS, r, r]`` and Olsson et al.'s (2022) in-context score
 ``late - early`` (nats; negative = the model predicts the second copy from the first);
 :func:`icl_circuits.tasks.scoring.evaluate` gives accuracy and logit difference of each corpus family:
-``bound`` (in-context binding, 8 demos), ``recorded`` (in-weights record, 1 demo), ``rule`` with trained
+``bound`` (in-context binding, 8 demos), ``bound-unseen`` (the same with labels A..Z 0..9, never labels in
+training: binding that cannot be a record), ``recorded`` (in-weights record, 1 demo, maps drawn as in the
+corpus), ``recorded-rare`` (the last, under a Zipf skew the rarest, recorded map), ``rule`` with trained
 shifts and ``rule-heldout`` (shifts not in ``train_shifts``, 8 demos).
 
 Events, computed from those numbers (never set):
@@ -16,7 +18,7 @@ Events, computed from those numbers (never set):
 * the *in-context-score drop* is the first checkpoint where the score has fallen by half of its total
   fall (from the untrained checkpoint to its minimum), provided the fall is at least ``min_drop`` nats.
 
-Cost: one model load and one scan per checkpoint, plus ``4 * n`` prompts.
+Cost: one model load and one scan per checkpoint, plus ``8 * n`` prompts.
 """
 
 from __future__ import annotations
@@ -219,20 +221,32 @@ def heldout_shifts(train_shifts: tuple[int, ...], k: int = 3) -> tuple[int, ...]
     return tuple(s for s in range(1, 26) if s not in train_shifts)[:k]
 
 
-def measure_checkpoint(model: Any, cfg: Any, *, n: int, seed: int, seq_len: int) -> dict[str, Any]:
-    """Head scores ``[layer][head]``, in-context score and family accuracy / logit difference of one model."""
+def measure_checkpoint(
+    model: Any, cfg: Any, *, n: int, seed: int, seq_len: int, heldout: tuple[int, ...] | None = None
+) -> dict[str, Any]:
+    """Head scores ``[layer][head]``, in-context score and family accuracy / logit difference of one model.
+
+    ``heldout``: the shifts of ``rule-heldout`` (default :func:`heldout_shifts` of the trained ones).
+    """
     from icl_circuits.heads.scan import scan_heads
-    from icl_circuits.tasks.registry import FixtureTask
+    from icl_circuits.tasks.registry import DEFAULT_SYMBOLS, FixtureTask, SubstitutedTask
     from icl_circuits.tasks.scoring import evaluate
 
     scan = scan_heads(model, seq_len=seq_len, batch=16, seed=seed, ablation=False, progress=False)
     out: dict[str, Any] = {"heads": {s: scan.scores[s].tolist() for s in SCORES},
                            "in_context_score": scan.in_context_score, "families": {}}  # fmt: skip
+    heldout = heldout_shifts(tuple(cfg.train_shifts)) if heldout is None else heldout
+    if set(heldout) & set(cfg.train_shifts) or not heldout:
+        raise InputError(f"held-out shifts {list(heldout)} must be non-empty and not among the trained "
+                         f"{list(cfg.train_shifts)}")  # fmt: skip
+    bound = FixtureTask("bound", cfg)
     tasks: dict[str, list[tuple[Any, int]]] = {
-        "bound": [(FixtureTask("bound", cfg), 8)],
+        "bound": [(bound, 8)],
+        "bound-unseen": [(SubstitutedTask(bound, DEFAULT_SYMBOLS, name="fixture-bound-unseen"), 8)],
         "recorded": [(FixtureTask("recorded", cfg), 1)],
+        "recorded-rare": [(FixtureTask("recorded", cfg, recorded=cfg.n_recorded - 1), 1)],
         "rule": [(FixtureTask("rule", cfg), 8)],
-        "rule-heldout": [(FixtureTask("rule", cfg, shift=s), 8) for s in heldout_shifts(tuple(cfg.train_shifts))],
+        "rule-heldout": [(FixtureTask("rule", cfg, shift=s), 8) for s in heldout],
     }
     for fam, items in tasks.items():
         rows = [evaluate(model, t, [k], n=n, seed=seed).rows[0] for t, k in items]
@@ -249,12 +263,13 @@ def run_dynamics(
     seq_len: int = 20,
     threshold: float = 0.4,
     min_drop: float = 0.3,
+    heldout: tuple[int, ...] | None = None,
     progress: bool = True,
 ) -> Dynamics:
     """Measure every complete checkpoint of the run in ``run_dir`` (see the module docstring).
 
     Raises:
-        InputError: ``run_dir`` is not a training run, or has no checkpoint.
+        InputError: ``run_dir`` is not a training run, or has no checkpoint; ``heldout`` has a trained shift.
     """
     from tqdm.auto import tqdm
 
@@ -264,14 +279,15 @@ def run_dynamics(
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise InputError(f"{str(run_dir)!r} has no complete checkpoint to measure")
+    heldout = heldout_shifts(tuple(cfg.corpus.train_shifts)) if heldout is None else tuple(heldout)
     measured = []
     for _, folder in tqdm(ckpts, desc="checkpoints", disable=not progress):
         model = load_model(str(folder), device="cpu")
-        measured.append(measure_checkpoint(model, cfg.corpus, n=n, seed=seed, seq_len=seq_len))
+        measured.append(measure_checkpoint(model, cfg.corpus, n=n, seed=seed, seq_len=seq_len, heldout=heldout))
     families = {f: {k: [m["families"][f][k] for m in measured] for k in ("accuracy", "logit_diff")}
                 for f in measured[0]["families"]}  # fmt: skip
     settings = {"n": n, "seed": seed, "seq_len": seq_len, "config": cfg.to_dict(), "versions": versions(),
-                "heldout_shifts": list(heldout_shifts(tuple(cfg.corpus.train_shifts)))}  # fmt: skip
+                "heldout_shifts": list(heldout)}  # fmt: skip
     return Dynamics(
         str(run_dir), tuple(s for s, _ in ckpts), {s: [m["heads"][s] for m in measured] for s in SCORES},
         tuple(m["in_context_score"] for m in measured), families, threshold, min_drop, settings,
