@@ -10,12 +10,13 @@ A sweep file (the format ``icl-circuits sweep`` reads)::
     seeds = [0]
     cpus_per_task = 1
     [grid]                         # cartesian product of dotted LabConfig-key overrides
-    "corpus.bound_share" = [0.1, 0.5, 0.9]
+    "corpus.repeat_share" = [0.1, 0.5, 0.9]
 
 ``[sweep] heldout_shifts`` (optional) fixes the ``rule-heldout`` shifts of every cell's dynamics (default: the
-three smallest shifts that cell did not train on). Each cell trains into ``OUT/<cell>/`` and writes ``dynamics.json`` + ``dynamics.html`` there; a cell whose
-``dynamics.json`` exists is not recomputed, an interrupted one resumes from its last checkpoint. One row
-per cell (overrides, seed, events, wall times, status) goes to ``OUT/cells.jsonl``.
+three smallest shifts that cell did not train on). Each cell trains into ``OUT/<cell>/`` and writes
+``dynamics.json`` + ``dynamics.html`` there; a cell whose ``dynamics.json`` exists is not recomputed, an
+interrupted one resumes from its last checkpoint, and a cell that raises is recorded with its error while the
+rest go on. One row per cell (overrides, seed, events, wall times, status) goes to ``OUT/cells.jsonl``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def read_sweep(path: str | Path) -> tuple[LabConfig, list[int], list[dict[str, A
 
 
 def cell_name(overrides: dict[str, Any], seed: int) -> str:
-    """A folder name for one cell: ``corpus.repeat_share=0.5,seed=0`` with list values joined by ``-``."""
+    """A folder name for one cell: ``repeat_share=0.5,seed=0`` (``corpus.`` dropped, list values joined by ``-``)."""
     def fmt(v: Any) -> str:
         return "-".join(map(str, v)) if isinstance(v, list) else str(v)
 
