@@ -16,6 +16,7 @@ from typing import Any
 
 from analyses.lab import svg
 from icl_circuits.io import atomic_write_text
+from icl_circuits.lab.dynamics import steepest_step
 from icl_circuits.tasks.corpus import LETTERS
 
 FIGURES = Path(__file__).resolve().parent / "figures"
@@ -44,7 +45,10 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def phase_change(run_dir: str | Path) -> tuple[str, str]:
     """In-context score and every head's induction score over the checkpoints, with the two events marked."""
     d = json.loads((Path(run_dir) / "dynamics.json").read_text())
-    steps, ev = d["steps"], d["events"]
+    steps, ev = d["steps"], dict(d["events"])
+    best = [max(max(r) for r in c) for c in d["heads"]["induction"]]  # events of an older dynamics.json
+    ev.setdefault("induction_steepest_step", steepest_step(steps, best, rising=True))
+    ev.setdefault("ics_steepest_step", steepest_step(steps, d["in_context_score"], rising=False))
     events = (("ics_drop_step", "drop"), ("induction_step", "induction head"))
     marks = [(ev[k], f"{label} @ {ev[k]}") for k, label in events if ev[k] is not None]
     ics = svg.line_chart({"in-context score": (steps, d["in_context_score"])}, title="in-context score (late - early)",
@@ -55,7 +59,8 @@ def phase_change(run_dir: str | Path) -> tuple[str, str]:
     ind_fig = svg.line_chart(heads, title="induction score per head", xlabel="step", ylabel="induction score",
                              ymin=0.0, ymax=1.0, vlines=marks, hlines=[d["threshold"]])  # fmt: skip
     rows = [[k, ev[k]] for k in ("ics_start", "ics_min", "ics_drop_step", "induction_head", "induction_step",
-                                 "gap_steps", "checkpoint_interval", "untrained_max_induction",
+                                 "gap_steps", "checkpoint_interval", "induction_steepest_step",
+                                 "ics_steepest_step", "untrained_max_induction",
                                  "final_max_induction", "previous_token_step")]  # fmt: skip
     return svg.page([ics, ind_fig]), table(["event", "value"], rows) + "\n\n" + d["reading"]
 

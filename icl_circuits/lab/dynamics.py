@@ -16,7 +16,9 @@ Events, computed from those numbers (never set):
   ``>= threshold`` (default 0.4, :class:`icl_circuits.heads.scan.RoleThresholds`); likewise the first
   previous-token head;
 * the *in-context-score drop* is the first checkpoint where the score has fallen by half of its total
-  fall (from the untrained checkpoint to its minimum), provided the fall is at least ``min_drop`` nats.
+  fall (from the untrained checkpoint to its minimum), provided the fall is at least ``min_drop`` nats;
+* threshold-free: the checkpoint interval where the best induction score rises fastest, and the one where the
+  in-context score falls fastest (:func:`steepest_step`).
 
 Cost: one model load and one scan per checkpoint, plus ``8 * n`` prompts.
 """
@@ -48,6 +50,16 @@ def drop_step(steps: list[int], values: list[float], min_drop: float) -> int | N
     if fall < min_drop:
         return None
     return next(s for s, v in zip(steps, values) if v <= values[0] - fall / 2)
+
+
+def steepest_step(steps: list[int], values: list[float], *, rising: bool) -> int | None:
+    """The end step of the checkpoint interval where ``values`` rose (``rising``) or fell fastest per step
+    (a threshold-free event); None with fewer than two checkpoints."""
+    if len(steps) < 2:
+        return None
+    sign = 1.0 if rising else -1.0
+    rates = [sign * (v1 - v0) / (s1 - s0) for s0, s1, v0, v1 in zip(steps, steps[1:], values, values[1:])]
+    return steps[1 + max(range(len(rates)), key=lambda i: rates[i])]
 
 
 @dataclass(frozen=True)
@@ -98,11 +110,14 @@ class Dynamics(Result):
         drop = self.ics_drop_step
         gap = None if ind_step is None or drop is None else ind_step - drop
         interval = max(b - a for a, b in zip(self.steps, self.steps[1:])) if len(self.steps) > 1 else None
+        best = [max(max(r) for r in c) for c in self.heads["induction"]]
         return {
             "induction_head": ind_head, "induction_step": ind_step,
             "previous_token_head": prev_head, "previous_token_step": prev_step,
             "ics_drop_step": drop, "ics_start": self.in_context_score[0], "ics_min": min(self.in_context_score),
             "ics_final": self.in_context_score[-1], "gap_steps": gap, "checkpoint_interval": interval,
+            "induction_steepest_step": steepest_step(list(self.steps), best, rising=True),
+            "ics_steepest_step": steepest_step(list(self.steps), list(self.in_context_score), rising=False),
             "untrained_max_induction": max(max(r) for r in self.heads["induction"][0]),
             "final_max_induction": max(max(r) for r in self.heads["induction"][-1]),
             "final_accuracy": {f: v["accuracy"][-1] for f, v in self.families.items()},
@@ -130,6 +145,10 @@ class Dynamics(Result):
             g, iv = e["gap_steps"], e["checkpoint_interval"]
             same = "they coincide within one checkpoint interval" if abs(g) <= iv else "they do not coincide"
             parts.append(f"Induction formation minus drop: {g:+d} steps ({same}; checkpoints every {iv} steps).")
+        if e["induction_steepest_step"] is not None:
+            parts.append(f"Threshold-free: the best induction score rose fastest in the checkpoint interval ending "
+                         f"at step {e['induction_steepest_step']}, the in-context score fell fastest in the one "
+                         f"ending at step {e['ics_steepest_step']}.")  # fmt: skip
         if e["previous_token_step"] is not None and e["induction_step"] is not None:
             order = ("before" if e["previous_token_step"] < e["induction_step"] else
                      "at the same checkpoint as" if e["previous_token_step"] == e["induction_step"] else "after")

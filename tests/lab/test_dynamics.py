@@ -11,7 +11,7 @@ import torch
 import icl_circuits.lab.train as lt
 from icl_circuits.heads.scan import scan_heads
 from icl_circuits.lab.config import load_config
-from icl_circuits.lab.dynamics import drop_step, first_at_or_above, run_dynamics, write_dynamics
+from icl_circuits.lab.dynamics import drop_step, first_at_or_above, run_dynamics, steepest_step, write_dynamics
 from icl_circuits.models import load_model
 
 pytestmark = pytest.mark.fixture
@@ -24,6 +24,9 @@ def test_event_detectors():
     assert first_at_or_above(steps, [0.0, 0.2, 0.3, 0.1], 0.4) is None
     assert drop_step(steps, [0.0, -0.1, -1.0, -1.2], 0.3) == 20  # half of the 1.2 fall is passed at 20
     assert drop_step(steps, [0.0, -0.1, -0.2, -0.1], 0.3) is None
+    assert steepest_step(steps, [0.0, 0.2, 0.7, 0.8], rising=True) == 20
+    assert steepest_step([0, 10, 30], [0.0, -0.5, -1.2], rising=False) == 10  # per step: -0.05 vs -0.035
+    assert steepest_step([0], [0.0], rising=True) is None
 
 
 def test_cut_down_phase_change_run_is_measured_from_its_checkpoints(tmp_path):
@@ -53,6 +56,9 @@ def test_cut_down_phase_change_run_is_measured_from_its_checkpoints(tmp_path):
         for l in range(n_layers) for h in range(n_heads)
     }  # fmt: skip
     assert ev["ics_drop_step"] == drop_step(list(dyn.steps), ics, 0.3)
+    best = [float(m.max()) for m in remeasured]
+    assert ev["induction_steepest_step"] == steepest_step(list(dyn.steps), best, rising=True)
+    assert ev["ics_steepest_step"] == steepest_step(list(dyn.steps), ics, rising=False)
     assert ev["untrained_max_induction"] == float(remeasured[0].max()) < 0.4
     assert all(s != 0 for s in dyn.formation_steps().values())  # no head is an induction head untrained
     assert {"bound-unseen", "recorded-rare"} <= set(dyn.families)
