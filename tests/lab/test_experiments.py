@@ -12,7 +12,7 @@ import torch
 
 from analyses.lab import figures, grid
 from icl_circuits import InputError
-from icl_circuits.lab.config import load_config
+from icl_circuits.lab.config import load_config, read_table
 
 pytestmark = pytest.mark.fixture
 
@@ -21,15 +21,17 @@ LAB = Path(__file__).resolve().parents[2] / "analyses" / "lab"
 
 @pytest.mark.unit
 def test_shipped_sweep_files_expand_to_checked_cells():
-    for name in ("record_vs_circuit", "task_diversity"):
-        base, seeds, cells, sweep = grid.read_sweep(LAB / f"{name}.sweep.toml")
-        assert base == load_config(LAB / f"{name}.toml") and seeds == [0] and sweep["kind"] == "train"
-        table = __import__("tomllib").loads((LAB / f"{name}.sweep.toml").read_text())["grid"]
+    files = sorted(LAB.glob("*.sweep.toml"))
+    assert {p.name for p in files} >= {"record_vs_circuit.sweep.toml", "task_diversity.sweep.toml"}
+    for path in files:
+        base, seeds, cells, sweep = grid.read_sweep(path)
+        assert base == load_config(LAB / sweep["base"]) and seeds == [0] and sweep["kind"] == "train"
+        table = read_table(path)["grid"]
         assert len(cells) == math.prod(len(v) for v in table.values())
         assert len({grid.cell_name(c, 0) for c in cells}) == len(cells)  # one folder per cell
-    _, _, cells, sweep = grid.read_sweep(LAB / "task_diversity.sweep.toml")
-    for c in cells:  # the fixed held-out shifts are never trained on
-        assert not set(sweep["heldout_shifts"]) & set(c["corpus.train_shifts"])
+        for c in cells:  # fixed held-out shifts are never trained on
+            trained = c.get("corpus.train_shifts", base.corpus.train_shifts)
+            assert not set(sweep.get("heldout_shifts", [])) & set(trained)
 
 
 @pytest.mark.unit
