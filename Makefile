@@ -42,11 +42,14 @@ dynamics:
 	$(PYTHON) -m icl_circuits.cli train --config analyses/lab/phase_change.toml --out $(OUT)/lab/phase_change --threads 1
 	$(PYTHON) -m icl_circuits.cli dynamics $(OUT)/lab/phase_change --threads 1
 
-# The data-knob and task-diversity experiments (README "Training lab"), sequential, one thread; finished cells are
-# kept, so a rerun only computes the missing ones. Then the README figures from all three experiments.
+# The data-knob and task-diversity experiments (README "Training lab"): `icl-circuits sweep`, cells one after
+# another on one thread (--engine ray runs them as Ray tasks); finished cells are kept, so a rerun only computes
+# the missing ones. Then the README figures from all three experiments (phase change: `make dynamics`).
 lab-experiments:
-	$(PYTHON) -m analyses.lab.grid analyses/lab/record_vs_circuit.sweep.toml --out $(OUT)/lab/record_vs_circuit --n 48
-	$(PYTHON) -m analyses.lab.grid analyses/lab/task_diversity.sweep.toml --out $(OUT)/lab/task_diversity --n 48
+	$(PYTHON) -m icl_circuits.cli sweep analyses/lab/record_vs_circuit.sweep.toml --out $(OUT)/lab/record_vs_circuit \
+		--engine local --threads 1
+	$(PYTHON) -m icl_circuits.cli sweep analyses/lab/task_diversity.sweep.toml --out $(OUT)/lab/task_diversity \
+		--engine local --threads 1
 	$(PYTHON) -m analyses.lab.figures --phase-change $(OUT)/lab/phase_change \
 		--record-vs-circuit $(OUT)/lab/record_vs_circuit --task-diversity $(OUT)/lab/task_diversity
 

@@ -1,22 +1,26 @@
-"""The README figures and tables of the training-lab experiments, from their run folders (``dynamics.json``).
+"""The README figures and tables of the training-lab experiments, from their outputs (``dynamics.json``).
 
     python -m analyses.lab.figures --phase-change out/lab/phase_change \\
         --record-vs-circuit out/lab/record_vs_circuit --task-diversity out/lab/task_diversity
 
-writes ``analyses/lab/figures/{phase_change,record_vs_circuit,task_diversity}.svg`` (small, self-made SVG) and
-prints one Markdown table per experiment. Every number is read from the runs; nothing is typed in.
+``--phase-change`` is a run folder (``icl-circuits train`` + ``dynamics``); the others are ``icl-circuits sweep``
+output folders (``results.csv``, ``cells/<cell_id>/dynamics.json``). Writes
+``analyses/lab/figures/{phase_change,record_vs_circuit,task_diversity}.svg`` (small, self-made SVG) and prints
+one Markdown table per experiment. Every number is read from the runs; nothing is typed in.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from analyses.lab import svg
 from icl_circuits.io import atomic_write_text
 from icl_circuits.lab.dynamics import steepest_step
+from icl_circuits.lab.sweep import CELLS_DIR, MARKER, RESULTS_FILE
 from icl_circuits.tasks.corpus import LETTERS
 
 FIGURES = Path(__file__).resolve().parent / "figures"
@@ -24,13 +28,24 @@ CHANCE = 1 / len(LETTERS)
 
 
 def read_cells(sweep_out: str | Path) -> list[dict[str, Any]]:
-    """Each finished cell of a grid: its overrides (``cells.jsonl``) and its ``dynamics.json``."""
-    out = []
-    for line in (Path(sweep_out) / "cells.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        dyn = Path(sweep_out) / row["cell"] / "dynamics.json"
-        if row["status"] == "done" and dyn.is_file():
-            out.append({**row, "dynamics": json.loads(dyn.read_text())})
+    """Each finished cell of a sweep, in the table's order: ``cell`` (its id), ``overrides`` (its grid values,
+    from the cell's ``cell.json``), ``seed`` and its ``dynamics.json``. Cells not ``ok`` in ``results.csv`` are
+    left out (and named on stderr)."""
+    import pandas as pd
+
+    root = Path(sweep_out)
+    out, missing = [], []
+    for row in pd.read_csv(root / RESULTS_FILE).to_dict("records"):
+        folder = root / CELLS_DIR / row["cell_id"]
+        if row["status"] != "ok" or not (folder / "dynamics.json").is_file():
+            missing.append(f"{row['cell_id']} ({row['status']})")
+            continue
+        params = dict(json.loads((folder / MARKER).read_text())["params"])
+        seed = params.pop("seed")
+        out.append({"cell": row["cell_id"], "overrides": params, "seed": seed,
+                    "dynamics": json.loads((folder / "dynamics.json").read_text())})  # fmt: skip
+    if missing:
+        print(f"{root}: left out, not finished: {', '.join(missing)}", file=sys.stderr)
     return out
 
 

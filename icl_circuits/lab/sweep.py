@@ -13,6 +13,8 @@ A sweep file (TOML or JSON) names the cells::
     steps = [200]
     [dynamics]                       # train: the settings of run_dynamics (optional)
     n = 64
+    heldout = [20, 21, 22]           # the rule-heldout shifts of every cell (default: per cell, the 3 smallest
+                                     # untrained ones); a cell that trains on one of them is refused
 
 A ``train`` cell is the base config with one combination of overrides and one seed (the config's ``seed``, also
 the seed of its dynamics measurement): it trains into
@@ -81,6 +83,9 @@ TRAIN_ONLY = ("base",)
 COMMAND_ONLY = ("commands", "models", "tasks")
 TABLES = ("sweep", "grid", "dynamics")
 DYNAMICS_DEFAULTS: dict[str, Any] = {"n": 64, "seq_len": 20, "threshold": 0.4, "min_drop": 0.3}
+#: ``[dynamics]`` keys without a default value: absent, run_dynamics chooses (and the cell id is as without them).
+DYNAMICS_OPTIONAL = ("heldout",)
+DYNAMICS_KEYS = (*DYNAMICS_DEFAULTS, *DYNAMICS_OPTIONAL)
 #: The JSON file each command writes in its --out folder (``analyze NAME`` writes NAME with underscores).
 COMMAND_JSON = {"evaluate": "evaluation.json", "head-scan": "head_scan.json", "fast-weights": "fast_weights.json",
                 "attribute": "attribution.json"}  # fmt: skip
@@ -174,6 +179,10 @@ class SweepSpec:
             cfg = self.base_config.with_overrides({**combo, "seed": seed})
         except InputError as e:
             raise InputError(f"sweep {str(self.path)!r}: grid cell {combo} (seed {seed}): {e}") from None
+        trained = set(self.dynamics.get("heldout") or ()) & set(cfg.corpus.train_shifts)
+        if trained:
+            raise InputError(f"sweep {str(self.path)!r}: grid cell {combo} (seed {seed}) trains on the held-out "
+                             f"shift(s) {sorted(trained)} of [dynamics] heldout")  # fmt: skip
         what = {"kind": "train", "config": cfg.to_dict(), "dynamics": self.dynamics}
         return [Cell(cell_id(f"s{seed}", what), "train", seed, {**combo, "seed": seed}, cfg.to_dict(),
                      dict(self.dynamics), (), self.cpus_per_task, self.gpus_per_task)]  # fmt: skip
@@ -268,6 +277,8 @@ def load_sweep(path: str | os.PathLike[str], *, seed: int | None = None) -> Swee
     if "sweep" not in data:
         raise _bad(p, "no [sweep] table (kind, seeds, ...)")
     for key in sw:
+        if key == "heldout_shifts":  # the key of analyses/lab/grid.py, the runner this module replaced
+            raise _bad(p, "[sweep] heldout_shifts is now [dynamics] heldout (the held-out shifts of every cell)")
         if key not in SWEEP_KEYS:
             raise _bad(p, f"unknown [sweep] key {key!r}{_near(key, list(SWEEP_KEYS))}; known: {', '.join(SWEEP_KEYS)}")
     kind = sw.get("kind", "train")
@@ -333,9 +344,9 @@ def _read_grid(p: Path, data: dict[str, Any], kind: str) -> dict[str, list[Any]]
 def _read_dynamics(p: Path, data: dict[str, Any]) -> dict[str, Any]:
     raw = data.get("dynamics", {})
     for key in raw:
-        if key not in DYNAMICS_DEFAULTS:
-            raise _bad(p, f"unknown [dynamics] key {key!r}{_near(key, list(DYNAMICS_DEFAULTS))}; "
-                          f"known: {', '.join(DYNAMICS_DEFAULTS)}")  # fmt: skip
+        if key not in DYNAMICS_KEYS:
+            raise _bad(p, f"unknown [dynamics] key {key!r}{_near(key, list(DYNAMICS_KEYS))}; "
+                          f"known: {', '.join(DYNAMICS_KEYS)}")  # fmt: skip
     out = {**DYNAMICS_DEFAULTS, **raw}
     for key, low in (("n", 1), ("seq_len", 2)):
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < low:
@@ -345,6 +356,13 @@ def _read_dynamics(p: Path, data: dict[str, Any]) -> dict[str, Any]:
             raise _bad(p, f"[dynamics] {key} must be a number >= 0, got {out[key]!r}")
     if out["threshold"] > 1:
         raise _bad(p, f"[dynamics] threshold must be in [0, 1], got {out['threshold']!r}")
+    if "heldout" in out:
+        held = out["heldout"]
+        if (not isinstance(held, list) or not held
+                or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 25 for s in held)):
+            raise _bad(p, f"[dynamics] heldout must be a non-empty list of shifts (integers in 1..25), got {held!r}")
+        if len(set(held)) < len(held):
+            raise _bad(p, f"[dynamics] heldout lists a shift twice: {held!r}")
     return out
 
 
@@ -421,7 +439,8 @@ def _run_train_cell(cell: Cell, folder: Path) -> tuple[dict[str, Any], int | Non
         run = train(cfg, folder, resume=resume, threads=cell.threads, progress=False)
         d = cell.dynamics
         dyn = run_dynamics(folder, n=d["n"], seed=cell.seed, seq_len=d["seq_len"], threshold=d["threshold"],
-                           min_drop=d["min_drop"], progress=False)  # fmt: skip
+                           min_drop=d["min_drop"], heldout=tuple(d["heldout"]) if "heldout" in d else None,
+                           progress=False)  # fmt: skip
         write_dynamics(dyn, folder)
     finally:
         torch.set_num_threads(before)
@@ -562,8 +581,10 @@ class SweepResult(Result):
         return figs
 
     def _numeric_axis(self, key: str) -> bool:
-        values = {r["params"].get(key) for r in self.rows if r["status"] == "ok"}
-        return len(values) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        """Whether grid axis ``key`` takes more than one number over the finished cells (a list-valued axis,
+        such as ``corpus.train_shifts``, is not one)."""
+        values = [r["params"].get(key) for r in self.rows if r["status"] == "ok"]
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and len(set(values)) > 1
 
     def _axis_figure(self, key: str, shown: list[str], colors: dict[str, str]) -> Any:
         """``shown`` numbers against one numeric grid axis: the mean over the finished cells at each value (over

@@ -1,5 +1,6 @@
-"""The shipped lab experiments: sweep files that parse into valid cells, the sequential grid runner (a failing
-cell recorded, a rerun recomputes nothing finished), and the README figures built from run folders."""
+"""The shipped lab experiments: sweep files that load into checked cells (held-out shifts never trained), run by
+the library's sweep (a failing cell recorded, a rerun computes only the missing cell), and the README figures
+built from the sweep's output."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.lab import figures, grid
+import icl_circuits.lab.sweep as sw
+from analyses.lab import figures
 from icl_circuits import InputError
 from icl_circuits.lab.config import load_config, read_table
 
@@ -24,37 +26,48 @@ def test_shipped_sweep_files_expand_to_checked_cells():
     files = sorted(LAB.glob("*.sweep.toml"))
     assert {p.name for p in files} >= {"record_vs_circuit.sweep.toml", "task_diversity.sweep.toml"}
     for path in files:
-        base, seeds, cells, sweep = grid.read_sweep(path)
-        assert base == load_config(LAB / sweep["base"]) and seeds == [0] and sweep["kind"] == "train"
-        table = read_table(path)["grid"]
-        assert len(cells) == math.prod(len(v) for v in table.values())
-        assert len({grid.cell_name(c, 0) for c in cells}) == len(cells)  # one folder per cell
+        spec = sw.load_sweep(path)
+        cells = spec.cells()
+        raw = read_table(path)
+        assert spec.kind == "train" and spec.base_config == load_config(LAB / raw["sweep"]["base"])
+        assert spec.seeds == (0,) and spec.dynamics["n"] == 48, path  # the README's settings
+        assert len(cells) == math.prod(len(v) for v in raw["grid"].values())
+        assert len({c.cell_id for c in cells}) == len(cells)  # one folder per cell
+        held = raw.get("dynamics", {}).get("heldout", [])
+        assert held == spec.dynamics.get("heldout", [])
         for c in cells:  # fixed held-out shifts are never trained on
-            trained = c.get("corpus.train_shifts", base.corpus.train_shifts)
-            assert not set(sweep.get("heldout_shifts", [])) & set(trained)
+            assert c.dynamics == spec.dynamics and not set(held) & set(c.config["corpus"]["train_shifts"])
+    assert sw.load_sweep(LAB / "task_diversity.sweep.toml").dynamics["heldout"] == [20, 21, 22]
 
 
 @pytest.mark.unit
-def test_bad_sweep_files_are_refused(tmp_path):
-    (tmp_path / "base.toml").write_text("steps = 4\n")
-    head = '[sweep]\nkind = "train"\nbase = "base.toml"\n[grid]\n'
-    for text, match in (("[grid]\nsteps = [1]\n", "kind"), (head + "steps = 3\n", "non-empty list"),
-                        (head + "stesp = [3]\n", "did you mean"), (head + "steps = [0]\n", "steps must be")):
+def test_held_out_shifts_that_a_cell_trains_on_are_refused(tmp_path):
+    (tmp_path / "base.toml").write_text("steps = 4\n[corpus]\ntrain_shifts = [1, 2]\n")
+    head = '[sweep]\nkind = "train"\nbase = "base.toml"\n'
+    for text, match in (
+        (head + '[grid]\n"corpus.train_shifts" = [[1], [1, 20]]\n[dynamics]\nheldout = [20]\n',
+         r"grid cell \{'corpus.train_shifts': \[1, 20\]\} \(seed 0\) trains on the held-out shift\(s\) \[20\]"),
+        (head + "[dynamics]\nheldout = [2, 3]\n", r"trains on the held-out shift\(s\) \[2\]"),
+        (head + "[dynamics]\nheldout = [26]\n", "heldout must be a non-empty list of shifts"),
+        (head + "[dynamics]\nheldout = 20\n", "heldout must be a non-empty list of shifts"),
+        (head + "[dynamics]\nheldout = [20, 20]\n", "heldout lists a shift twice"),
+        (head + "heldout_shifts = [20]\n", r"heldout_shifts is now \[dynamics\] heldout"),
+    ):  # fmt: skip
         (tmp_path / "s.toml").write_text(text)
         with pytest.raises(InputError, match=match):
-            grid.read_sweep(tmp_path / "s.toml")
+            sw.load_sweep(tmp_path / "s.toml")
 
 
-def test_grid_runs_cells_records_a_failure_and_reruns_only_what_is_missing(tmp_path, monkeypatch):
-    """Tiny cells train and are measured; a cell whose training raises is recorded and the next goes on; the
-    rerun trains only the failed cell; the figures read every finished cell."""
+def test_a_sweep_records_a_failing_cell_reruns_only_it_and_the_figures_read_its_output(tmp_path, monkeypatch):
+    """Tiny cells train and are measured on the sweep's held-out shift; a cell whose training raises is recorded
+    and the next goes on; the rerun trains only the failed cell; the figures read every finished cell."""
     (tmp_path / "base.toml").write_text(
         'name = "t"\nn_layer = 2\nn_head = 2\nn_embd = 16\nn_inner = 16\nsteps = 4\nbatch_size = 4\nwarmup = 1\n'
         "checkpoint_every = 4\n[corpus]\nrepeat_share = 0.5\nn_recorded = 3\nzipf_exponent = 1.5\n"
     )
     (tmp_path / "s.toml").write_text(
-        '[sweep]\nkind = "train"\nbase = "base.toml"\nseeds = [0]\nheldout_shifts = [20]\n'
-        '[grid]\n"corpus.train_shifts" = [[1], [1, 2], [1, 2, 3]]\n'
+        '[sweep]\nkind = "train"\nbase = "base.toml"\nseeds = [0]\n'
+        '[grid]\n"corpus.train_shifts" = [[1], [1, 2], [1, 2, 3]]\n[dynamics]\nn = 4\nheldout = [20]\n'
     )
     import icl_circuits.lab.train as lt
 
@@ -66,25 +79,30 @@ def test_grid_runs_cells_records_a_failure_and_reruns_only_what_is_missing(tmp_p
             raise RuntimeError("worker died")
         return real(cfg, out, **kw)
 
+    out = tmp_path / "out"
     before = torch.get_num_threads()
     try:
         monkeypatch.setattr(lt, "train", flaky)
-        rows = grid.run_grid(tmp_path / "s.toml", tmp_path / "out", n=4)
-        assert [r["status"] for r in rows] == ["done", "error", "done"]
-        assert "worker died" in rows[1]["error"]
-        rerun = grid.run_grid(tmp_path / "s.toml", tmp_path / "out", n=4)
+        first = sw.run_sweep(tmp_path / "s.toml", out, engine="local", threads=1, progress=False)
+        ids = [r["cell_id"] for r in first.rows]
+        assert [r["status"] for r in first.rows] == ["ok", "error", "ok"]
+        assert "worker died" in first.rows[1]["error"]
+        assert figures.read_cells(out)[1]["cell"] == ids[2]  # the failed cell is left out of the figures
+        rerun = sw.run_sweep(tmp_path / "s.toml", out, engine="local", threads=1, progress=False)
     finally:
         torch.set_num_threads(before)
-    assert [r["status"] for r in rerun] == ["done"] * 3
-    assert trained[3:] == [rows[1]["cell"]]  # only the failed cell was trained again
-    lines = (tmp_path / "out" / "cells.jsonl").read_text().splitlines()
-    assert [json.loads(x)["cell"] for x in lines] == [r["cell"] for r in rows]
-    dyn = json.loads((tmp_path / "out" / rows[0]["cell"] / "dynamics.json").read_text())
+    assert [r["status"] for r in rerun.rows] == ["ok"] * 3
+    assert trained[3:] == [ids[1]] and rerun.computed == (ids[1],)  # only the failed cell was trained again
+    cells = figures.read_cells(out)
+    assert [c["cell"] for c in cells] == ids and [c["overrides"]["corpus.train_shifts"] for c in cells] == [
+        [1], [1, 2], [1, 2, 3]]  # fmt: skip
+    dyn = json.loads((out / sw.CELLS_DIR / ids[0] / "dynamics.json").read_text())
     assert dyn["steps"] == [0, 4] and dyn["settings"]["heldout_shifts"] == [20]
+    assert cells[0]["dynamics"] == dyn
     assert {"bound-unseen", "recorded-rare", "rule-heldout"} <= set(dyn["families"])
 
-    picture, text = figures.record_vs_circuit(tmp_path / "out")
+    picture, text = figures.record_vs_circuit(out)
     assert picture.startswith("<svg") and picture.count("<rect") > 3 * 4  # a bar per family and cell
     assert text.count("\n") == 3 + 1 and "3 shifts" in text
-    picture, text = figures.task_diversity(tmp_path / "out")
+    picture, text = figures.task_diversity(out)
     assert "<polyline" in picture and "held-out shifts [20]" in picture
