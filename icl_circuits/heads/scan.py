@@ -21,7 +21,7 @@ Example::
 read) and the offline ``head_scan.html`` report.
 
 Cost: two forwards of ``batch`` sequences for the attention scores, one ``|vocab| x d_model^2``
-product for copying, ``(L H)^2 d_head^2 d_model / 2`` multiply-adds per composition mode, and, with
+product for copying, about ``(L H)^2 d_model^2 / 4`` multiply-adds per composition mode, and, with
 ``ablation=True``, the mean-ablation sweep (:mod:`icl_circuits.patching.ablation`: each layer's heads
 tiled into one batch resumed at that layer, about half a forward of the batch per head; it also gives
 the ablation reading of the circuit). Its sign: ``effect = gain(ablated) - gain(clean)`` with the
@@ -480,7 +480,7 @@ def scan_heads(
             progress=progress,
         )  # fmt: skip
         scores["ablation"] = sweep.effect
-    compo = {m: comp.composition_scores(model, m) for m in comp.MODES}
+    compo = comp.all_composition_scores(model)
     d_model, d_head = int(model.cfg.d_model), int(model.cfg.d_head)
     baselines = {m: comp.composition_baseline(d_model, d_head, m, generator=gen) for m in comp.MODES}
     return HeadScan(
