@@ -93,7 +93,8 @@ def _reduced_sender(V: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
 
 
 def _reduced_receiver(P: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """Receiver ``P R^T`` (``P, R [n, d_model, d_head]``) as ``P T_R^T [n, d_model, d_head]`` (:func:`_reduced_sender`)."""
+    """Receiver ``P R^T`` (``P, R [n, d_model, d_head]``) as ``P T_R^T [n, d_model, d_head]`` (see
+    :func:`_reduced_sender`)."""
     return P @ _triangle(R).transpose(-2, -1)
 
 
