@@ -40,7 +40,14 @@ import torch
 from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
-from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations, unembed, unembed_ld
+from icl_circuits.patching.resume import (
+    BaseRun,
+    capture_run,
+    float32_matmul,
+    fused_activations,
+    unembed,
+    unembed_ld,
+)
 from icl_circuits.shapes import Head, all_heads, check_model_heads, model_shape
 from icl_circuits.tasks.scoring import answer_logits, batch_chunks, padded_batch
 
@@ -327,6 +334,7 @@ def mean_ablation_sweep(
     atol: float = 1e-4,
     fast_activations: bool = True,
     progress: bool = False,
+    matmul_precision: str | None = None,
 ) -> AblationSweep:
     """Mean-ablate each of ``heads`` (default: all) alone on ``tokens`` and score the runs by ``metric``.
 
@@ -336,6 +344,8 @@ def mean_ablation_sweep(
     layer's ``hook_pattern`` (clean and ablated). ``max_rows``: most rows (copies x batch) per forward.
     ``fast_activations``: GPT-2's tanh-GELU as one fused kernel while sweeping (the same function,
     :func:`icl_circuits.patching.resume.fused_activations`). The caller's tensors are not modified.
+    ``matmul_precision``: torch's float32 matmul precision while sweeping
+    (:func:`icl_circuits.patching.resume.float32_matmul`; ``None``: as set).
 
     Raises:
         InputError: a head outside the model, ``max_rows < 1``, or hook points this bridge lacks.
@@ -344,7 +354,7 @@ def mean_ablation_sweep(
     todo = all_heads(model) if heads is None else check_model_heads(model, heads)
     if max_rows < 1:
         raise InputError(f"max_rows must be >= 1, got {max_rows}")
-    with fused_activations(model, fast_activations):
+    with fused_activations(model, fast_activations), float32_matmul(matmul_precision):
         return _sweep(model, padded, last, metric, todo, means, pattern_score, max_rows, atol, progress)
 
 

@@ -99,6 +99,25 @@ def fused_activations(model: Any, enabled: bool = True) -> Iterator[None]:
             setattr(parent, name, child)
 
 
+@contextlib.contextmanager
+def float32_matmul(precision: str | None) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` while the context is open, restored on exit (also on
+    error); ``None`` leaves it alone. On CPUs with AVX512-BF16, oneDNN's ``"medium"`` runs float32 GEMMs
+    through bfloat16 units (measured here: 2.5x faster for ``[2048, 576] @ [576, 1536]``, relative error
+    9.6e-7 against 4.5e-7 at ``"highest"``; README "Measured speed")."""
+    if precision is None:
+        yield
+        return
+    if precision not in ("highest", "high", "medium"):
+        raise InputError(f"matmul precision must be 'highest', 'high' or 'medium', got {precision!r}")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _tile(obj: Any, batch: int, n: int) -> Any:
     """``obj`` with every tensor whose first axis is the batch repeated ``n`` times (copy-major).
 
