@@ -624,7 +624,38 @@ def bench_real_patching(model: Any, quick: bool = False) -> list[BenchRow]:
     return rows
 
 
-REAL_BENCHMARKS: list[Callable[[Any, bool], list[BenchRow]]] = [bench_real_patching, bench_real_head_scan]
+def bench_real_precision(model: Any, quick: bool = False) -> list[BenchRow]:
+    """The mean-ablation sweep of one middle layer's heads (4 x ``[BOS?, r, r]``, ``|r| = 20``, the scan's
+    sequences) at torch's float32 matmul precision ``"highest"`` against ``"medium"`` (on CPUs with
+    AVX512-BF16, oneDNN's bfloat16-based float32 GEMMs), back to back in this process; the reference column
+    is ``"highest"``. ``quick``: one run each instead of two (the row keeps the faster of each).
+    """
+    from icl_circuits.heads import scores as hd
+    from icl_circuits.io import generator
+    from icl_circuits.patching.ablation import InContextGain, mean_ablation_sweep
+
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    layer = L // 2
+    tokens = hd.repeated_random_tokens(model, 16, 20, generator(0))[:4]
+    heads = [(layer, h) for h in range(H)]
+    times: dict[str, list[float]] = {"highest": [], "medium": []}
+    effects: dict[str, torch.Tensor] = {}
+    for precision in ("highest", "medium") * (1 if quick else 2):
+        with _timer(times[precision]):
+            sweep = mean_ablation_sweep(model, tokens, InContextGain(tokens, 20), heads=heads,
+                                        pattern_score=lambda p: hd.induction_stripe(p, 20),
+                                        matmul_precision=precision)  # fmt: skip
+        effects[precision] = sweep.effect[layer]
+    gap = float((effects["medium"] - effects["highest"]).abs().max())
+    return [BenchRow("real", f"sweep of L{layer}'s {H} heads x 4 seqs, float32 'medium'", min(times["medium"]),
+                     "same at 'highest'", min(times["highest"]),
+                     f"max |medium - highest| {gap:.1e} nats (max |effect| "
+                     f"{float(effects['highest'].abs().max()):.3f}); best of {len(times['medium'])}")]  # fmt: skip
+
+
+REAL_BENCHMARKS: list[Callable[[Any, bool], list[BenchRow]]] = [
+    bench_real_precision, bench_real_patching, bench_real_head_scan,
+]  # fmt: skip
 
 
 BENCHMARKS: list[Callable[[bool], list[BenchRow]]] = [

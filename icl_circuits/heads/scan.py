@@ -452,6 +452,7 @@ def scan_heads(
     progress: bool = True,
     ablation_batch: int | None = None,
     log: Callable[[str], None] | None = None,
+    matmul_precision: str | None = "medium",
 ) -> HeadScan:
     """Scan every head of ``model`` (a TransformerBridge in compatibility mode).
 
@@ -471,6 +472,10 @@ def scan_heads(
             layers per head, the attention scores two forwards in all, so a real model sweeps fewer
             sequences; the README's "Measured speed" section states the price in agreement with a full sweep.
         log: called with one line per finished stage (its wall-clock time), e.g. ``print``.
+        matmul_precision: torch's float32 matmul precision during the sweep on a CPU model (ignored on
+            other devices, where ``"medium"`` may mean plain bfloat16): ``"medium"`` measured 1.7x faster
+            on SmolLM2 (AVX512-BF16) with effects within 6e-6 nats of ``"highest"`` (README "Measured
+            speed"); ``None`` keeps torch's setting.
     """
     if not isinstance(seq_len, int) or not isinstance(batch, int) or batch < 1 or seq_len < 2:
         raise InputError(f"seq_len must be an int >= 2 and batch an int >= 1; got seq_len={seq_len!r}, batch={batch!r}")
@@ -506,10 +511,11 @@ def scan_heads(
     stage("copying (OV eigenvalues)")
     sweep = None
     if ablation:
+        on_cpu = str(getattr(model.cfg, "device", None) or "cpu").startswith("cpu")
         ablate = tokens[:n_ablate]
         sweep = mean_ablation_sweep(
             model, ablate, InContextGain(ablate, seq_len), pattern_score=lambda p: hd.induction_stripe(p, seq_len),
-            progress=progress,
+            progress=progress, matmul_precision=matmul_precision if on_cpu else None,
         )  # fmt: skip
         scores["ablation"] = sweep.effect
         stage(f"mean-ablation sweep ({int(model.cfg.n_layers) * int(model.cfg.n_heads)} heads x {n_ablate} sequences)")
