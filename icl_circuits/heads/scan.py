@@ -473,7 +473,7 @@ def scan_heads(
             sequences; the README's "Measured speed" section states the price in agreement with a full sweep.
         log: called with one line per finished stage (its wall-clock time), e.g. ``print``.
         matmul_precision: torch's float32 matmul precision during the sweep on a CPU model (ignored on
-            other devices, where ``"medium"`` may mean plain bfloat16): ``"medium"`` measured 1.9x faster
+            other devices, where ``"medium"`` may mean plain bfloat16): ``"medium"`` measured 1.6-1.9x faster
             on SmolLM2 (AVX512-BF16) with effects within 6e-6 nats of ``"highest"`` (README "Measured
             speed"); ``None`` keeps torch's setting.
     """

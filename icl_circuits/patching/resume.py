@@ -103,7 +103,7 @@ def fused_activations(model: Any, enabled: bool = True) -> Iterator[None]:
 def float32_matmul(precision: str | None) -> Iterator[None]:
     """``torch.set_float32_matmul_precision(precision)`` while the context is open, restored on exit (also on
     error); ``None`` leaves it alone. On CPUs with AVX512-BF16, oneDNN's ``"medium"`` runs float32 GEMMs
-    through bfloat16 units: SmolLM2's sweep 1.9x faster, effects within 6e-6 nats of ``"highest"``
+    through bfloat16 units: SmolLM2's sweep 1.6-1.9x faster, effects within 6e-6 nats of ``"highest"``
     (``python -m icl_circuits.bench --model smollm2-135m real_precision``; README "Measured speed")."""
     if precision is None:
         yield
