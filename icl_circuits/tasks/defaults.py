@@ -30,6 +30,7 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "repetition": {"n": 64, "shots": 4},
         "label-binding": {"n": 64, "shots": 6},
         "information-flow": {"n": 32, "shots": 6},
+        "head-scan": {"ablation_batch": None},  # None: the sweep uses every scan sequence
     },
     "language": {
         "evaluate": {"n": 40},
@@ -41,6 +42,8 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "repetition": {"n": 16, "shots": 4},
         "label-binding": {"n": 24, "shots": 4},
         "information-flow": {"n": 8, "shots": 4},
+        # the sweep costs ~ablation_batch forwards of the upper layers per head (README "Measured speed")
+        "head-scan": {"ablation_batch": 4},
     },
 }
 
