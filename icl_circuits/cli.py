@@ -378,9 +378,12 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
     model = _model(args, load_model)
     args.n = run_default(model, "fast-weights", "n", args.n)
     args.shots = run_default(model, "fast-weights", "shots", args.shots)
+    args.layer_stride = run_default(model, "fast-weights", "layer_stride", args.layer_stride)
+    args.n_random = run_default(model, "fast-weights", "n_random", args.n_random)
     heads = "auto" if args.heads == "auto" else args.heads
     run = run_fast_weights(model, args.task, args.shots, heads=heads, n_top=args.top, n=args.n, seed=args.seed,
-                           transplant=not args.no_transplant, predictions=not args.no_predictions)  # fmt: skip
+                           transplant=not args.no_transplant, predictions=not args.no_predictions,
+                           layer_stride=args.layer_stride, n_random=args.n_random)  # fmt: skip
     cols = ["layer", "head", "demo_share", "answer_dla", "effective_rank", "rank90", "reconstruction_cosine"]
     df = run.to_dataframe().sort_values("answer_dla", ascending=False)
     print(df[cols].head(8).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -395,7 +398,8 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
     print(run.findings()["reading"])
     for what in run.skipped:
         print(f"skipped: {what}")
-    prov = provenance(model, args.seed, task=args.task, shots=args.shots, heads=args.heads, n=args.n, top=args.top)
+    prov = provenance(model, args.seed, task=args.task, shots=args.shots, heads=args.heads, n=args.n, top=args.top,
+                      layer_stride=args.layer_stride, n_random=args.n_random)  # fmt: skip
     json_path, html_path = write_fast_weights(run, args.out, prov)
     print(f"wrote {json_path} and {html_path}")
     return 0
@@ -593,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default="auto", help="auto (all heads; top by the demos' answer logit) or L.H,...")
     p.add_argument("--top", type=at_least(1), default=4, help="heads in the task vector with --heads auto (default 4)")
     p.add_argument("--n", type=at_least(2), default=None, help=f"prompts (default {_defaults('fast-weights', 'n')})")
+    p.add_argument("--layer-stride", type=at_least(1), default=None,
+                   help=f"the transplant sweeps every k-th layer (default {_defaults('fast-weights', 'layer_stride')})")
+    p.add_argument("--n-random", type=at_least(1), default=None,
+                   help=f"random-vector controls of the transplant (default {_defaults('fast-weights', 'n_random')})")
     p.add_argument("--no-transplant", action="store_true", help="skip the transplant test")
     p.add_argument("--no-predictions", action="store_true", help="skip the repetition/noise/order measurements")
     _out_arg(p, "out/fast_weights", "fast_weights.json and fast_weights.html")

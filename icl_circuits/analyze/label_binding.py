@@ -159,7 +159,8 @@ def find_induction_heads(model: Any, seed: int, *, ablation: bool = True) -> tup
 
     seq_len = min(20, (int(model.cfg.n_ctx) - 1) // 2)
     scan = scan_heads(model, seq_len=seq_len, batch=16, seed=seed, ablation=ablation, progress=False)
-    note = f"head scan, seq_len {seq_len}, induction score >= {scan.thresholds.induction}"
+    note = f"head scan, seq_len {seq_len}, induction score >= {scan.thresholds.induction}" + (
+        "" if ablation else ", without the ablation sweep (copying score as the evidence of acting)")
     return list(scan.induction_heads), note
 
 
@@ -172,20 +173,22 @@ def run_label_binding(
     shots: int | None = None,
     heads: Sequence[tuple[int, int]] | None = None,
     n_controls: int = 3,
-    scan_ablation: bool = True,
+    scan_ablation: bool | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> LabelBinding:
     """Accuracy of each task with its own and with symbol labels, clean and with the induction heads
     mean-ablated (module doc). ``heads``: ablate these instead of the head scan's induction heads.
 
-    Defaults: ``n = 64`` prompts per condition, ``shots = 6`` (fixture vocabulary) or 4.
+    Defaults: ``n = 64`` prompts per condition, ``shots = 6`` (fixture vocabulary) or 4; ``scan_ablation``
+    (the head scan's ablation sweep) on fixtures, off on language models (``tasks.defaults``).
 
     Raises:
         InputError: bad sizes or heads; TaskError: unknown task.
     """
     n = run_default(model, "label-binding", "n", n)
     k = run_default(model, "label-binding", "shots", shots)
+    scan_ablation = bool(run_default(model, "label-binding", "scan_ablation", scan_ablation))
     check_positive(n=n, shots=k)
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k)
     if heads is None:

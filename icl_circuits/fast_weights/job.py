@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_circuits.errors import TaskError
+from icl_circuits.errors import InputError, TaskError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.predictions import Predictions, measure_predictions
 from icl_circuits.fast_weights.transplant import TransplantResult, transplant_test
@@ -248,17 +248,26 @@ def run_fast_weights(
     seed: int = 0,
     transplant: bool = True,
     predictions: bool = True,
+    layer_stride: int = 1,
+    n_random: int = 5,
 ) -> FastWeightsRun:
     """Decompose, read out, transplant and test the predictions on ``n`` prompts of ``task`` (a name or a
     :class:`~icl_circuits.tasks.registry.Task`) with ``shots`` demos (see module doc).
 
+    ``layer_stride``: the transplant sweeps layers ``0, k, 2k, ...`` and always ``n_layers`` (the output);
+    ``n_random``: its random controls (:func:`~icl_circuits.fast_weights.transplant.transplant_test`).
+
     Raises:
-        TaskError: unknown task, bad shots; InputError: bad heads.
+        TaskError: unknown task, bad shots; InputError: bad heads, ``layer_stride < 1``.
     """
     from icl_circuits.tasks.prompts import check_task
     from icl_circuits.tasks.registry import get_task
     from icl_circuits.tasks.scoring import evaluate
 
+    if layer_stride < 1:
+        raise InputError(f"layer_stride must be >= 1, got {layer_stride}")
+    n_layers = int(model.cfg.n_layers)
+    sweep = sorted(set(range(0, n_layers + 1, layer_stride)) | {n_layers})
     t = get_task(task, model)
     checked = check_task(model, t)
     checked.task.check_shots(shots)
@@ -273,7 +282,7 @@ def run_fast_weights(
     if transplant:
         try:
             tr = transplant_test(model, checked.task, shots, heads="auto" if heads == "auto" else list(top),
-                                 n_heads=n_top, n=n, seed=seed)  # fmt: skip
+                                 n_heads=n_top, n=n, seed=seed, layers=sweep, n_random=n_random)  # fmt: skip
         except TaskError as e:
             skipped = str(e)
     else:
@@ -282,7 +291,7 @@ def run_fast_weights(
     ev = evaluate(model, checked.task, [shots], n=n, seed=seed)
     few_shot = {"accuracy": ev.accuracy(shots), "chance": ev.chance, "n": n}
     settings = {"heads": heads if isinstance(heads, str) else [list(h) for h in heads], "n_top": n_top,
-                "n_prompts": n, "seed": seed}  # fmt: skip
+                "n_prompts": n, "seed": seed, "transplant_layers": sweep, "n_random": n_random}  # fmt: skip
     return FastWeightsRun(result, top, tr, skipped, pred, settings, few_shot)
 
 
