@@ -114,3 +114,18 @@ def test_atp_star_effects_are_the_normalised_magnitudes(ind2l):
     gap = att.heads["atp*"].clean_logit_diff - att.heads["atp*"].corrupted_logit_diff
     assert float(gap.mean()) < 0  # induction-2l does not do the task: the case where a naive ratio flips sign
     assert bool((eff >= -1e-6).all()), eff  # a magnitude, whatever the sign of the clean - corrupted gap
+
+
+@pytest.mark.fixture
+def test_other_task_labels_uses_the_given_other_task(ind2l):
+    from icl_circuits.tasks.pairs import patching_batch
+
+    task, other = get_task("fixture-bound", ind2l), get_task("fixture-rule-shift2", ind2l)
+    kw = {"shots": 4, "n": 4, "method": "atp", "corruption": "other_task_labels", "positions": False, "paths": False,
+          "progress": False}  # fmt: skip
+    att = attribute(ind2l, task, other_task="fixture-rule-shift2", **kw)
+    want = patching_batch(ind2l, task, 4, 4, 0, corruption="other_task_labels", other_task=other)
+    assert torch.equal(att.batch.corrupted_tokens, want.corrupted_tokens)
+    default = attribute(ind2l, task, **kw)  # a fixture task's default other task: a recorded permutation
+    assert not torch.equal(default.batch.corrupted_tokens, want.corrupted_tokens)
+    assert torch.equal(default.batch.clean_tokens, want.clean_tokens)
