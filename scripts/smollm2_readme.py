@@ -14,13 +14,15 @@ Stages (each the library call behind the CLI command named, with the same argume
 * ``attribution``: ``icl-circuits attribute --model smollm2-135m --task country-capital --shots 4 --n N
   --corruption C [--other-task T] --no-paths --function-vectors``;
 * ``demos``: per-demo attribution on ``arbitrary-country-word`` (the query is one of the demos):
-  ``icl-circuits attribute ... --task arbitrary-country-word --method patching --no-positions --no-paths``,
+  ``icl-circuits attribute ... --task arbitrary-country-word --method M --no-positions --no-paths`` (``M``:
+  ``--demo-method``, default ``atp``: the top heads by AtP, the cheap estimate of exact patching),
   then, per top head, the share of its output norm (and direct logit attribution) at the answer position that
   comes from the demo whose input is the query's input, against the ``1 / shots`` of a uniform reader;
 * ``analyses``: the six observations (``icl-circuits analyze NAME --model smollm2-135m --n N``) and
   ``record-vs-circuit`` assembled from them (the same six runs); ``label-binding`` finds its induction heads
   with the scores-only head scan (``scan_ablation=False``);
-* ``transplant``: ``icl-circuits fast-weights --model smollm2-135m --task country-capital --shots 4 --n N``;
+* ``transplant``: ``icl-circuits fast-weights --model smollm2-135m --task country-capital --shots 4 --n N``, or
+  with ``--transplant-layers`` only its transplant test (``transplant_test(..., layers=..., n_random=...)``);
 * ``ceiling``: a check of the transplant's zero-shot floor, not a library feature: the *mean residual difference*
   ``mean(resid_pre[L] of 4-shot prompts) - mean(resid_pre[L] of zero-shot prompts)`` at the last position -- the
   single vector that moves the zero-shot mean exactly onto the few-shot mean at layer ``L``, an upper bound in
@@ -131,9 +133,10 @@ def demos(model: Any, a: argparse.Namespace) -> None:
 
     t = time.perf_counter()
     task = "arbitrary-country-word"
-    att = attribute(model, task, shots=a.shots, n=a.n, method="patching", seed=a.seed, positions=False,
+    att = attribute(model, task, shots=a.shots, n=a.n, method=a.demo_method, seed=a.seed, positions=False,
                     paths=False, progress=False)  # fmt: skip
-    prov = provenance(model, a.seed, task=task, shots=a.shots, n=a.n, method="patching", positions=False, paths=False)
+    prov = provenance(model, a.seed, task=task, shots=a.shots, n=a.n, method=a.demo_method, positions=False,
+                      paths=False)  # fmt: skip
     write_attribution(att, model, Path(a.out) / "demos", prov)
     lines = [att.summary()]
     d = att.demos
@@ -158,7 +161,8 @@ def demos(model: Any, a: argparse.Namespace) -> None:
         top_is_match = (by_n.argmax(-1) == match[ok]).float().mean()
         on_d, by_d = per["dla"]
         rest_d = (by_d.sum(-1) - on_d) / max(d.roles.n_demos - 1, 1)
-        lines.append(f"L{l}H{h} (exact effect {float(att.heads['patching'].effect()[l, h]):+.2f}): matched demo's "
+        effect = float(att.heads[att.primary].effect()[l, h])
+        lines.append(f"L{l}H{h} ({att.primary} effect {effect:+.2f}): matched demo's "
                      f"share of the demos' output norm {float(share.mean()):.2f} (uniform {1 / d.roles.n_demos:.2f}); "
                      f"matched demo is its largest-norm demo in {float(top_is_match):.2f} of prompts; DLA from the "
                      f"matched demo {float(on_d.mean()):+.2f} vs {float(rest_d.mean()):+.2f} per other demo; "
@@ -174,7 +178,8 @@ def analyses(model: Any, a: argparse.Namespace) -> None:
     from icl_circuits.models import model_info
 
     parts = []
-    for name, run, _ in PARTS:
+    wanted = a.analyses.split(",")
+    for name, run, _ in sorted((p for p in PARTS if p[0] in wanted), key=lambda p: wanted.index(p[0])):
         t = time.perf_counter()
         if name == "label-binding":  # the scores-only head scan (no mean-ablation sweep) names the heads
             result = run_label_binding(model, seed=a.seed, n=a.analysis_n, scan_ablation=False, progress=False)
@@ -184,16 +189,31 @@ def analyses(model: Any, a: argparse.Namespace) -> None:
         skipped = "".join(f"\nskipped: {s}" for s in getattr(result, "skipped", ()))
         save_analysis(result, model, Path(a.out) / "analyses", seed=a.seed, model_spec="smollm2-135m", n=a.analysis_n)
         _say(f"analysis {name}", t, f"{result.findings()['reading']}{skipped}")
-    rvc = RecordVsCircuit(model_info(model).spec, a.seed, tuple(parts))
+    if len(parts) < len(PARTS):
+        print(f"\n(record-vs-circuit not assembled: {len(parts)} of {len(PARTS)} observations run)")
+        return
+    by_name = {p.name: p for p in parts}
+    rvc = RecordVsCircuit(model_info(model).spec, a.seed, tuple(by_name[name] for name, _, _ in PARTS))
     save_analysis(rvc, model, Path(a.out) / "analyses", seed=a.seed, model_spec="smollm2-135m", n=a.analysis_n)
     print("\n=== record-vs-circuit (the six above)\n" + rvc.markdown(), flush=True)
 
 
 def transplant(model: Any, a: argparse.Namespace) -> None:
     from icl_circuits.fast_weights.job import run_fast_weights, write_fast_weights
-    from icl_circuits.io import provenance
+    from icl_circuits.fast_weights.transplant import transplant_test
+    from icl_circuits.io import atomic_write_json, provenance
 
     t = time.perf_counter()
+    if a.transplant_layers:  # the transplant test alone, on fewer insertion layers and random controls
+        layers = [int(x) for x in a.transplant_layers.split(",")]
+        tr = transplant_test(model, "country-capital", a.shots, n=a.transplant_n, seed=a.seed, layers=layers,
+                             n_random=a.n_random)  # fmt: skip
+        prov = provenance(model, a.seed, task="country-capital", shots=a.shots, n=a.transplant_n, layers=layers,
+                          n_random=a.n_random)  # fmt: skip
+        atomic_write_json(Path(a.out) / "transplant.json", {**tr.to_dict(), "provenance": prov})
+        d = tr.to_dict()
+        _say("transplant", t, f"{d}")
+        return
     run = run_fast_weights(model, "country-capital", a.shots, n=a.transplant_n, seed=a.seed)
     prov = provenance(model, a.seed, task="country-capital", shots=a.shots, n=a.transplant_n)
     write_fast_weights(run, Path(a.out) / "fast_weights", prov)
@@ -257,7 +277,12 @@ def main() -> None:
     p.add_argument("--corruption", default="filler")
     p.add_argument("--other-task", default="english-french", help="labels for --corruption other_task_labels")
     p.add_argument("--analysis-n", type=int, default=8)
+    p.add_argument("--analyses", default="information-flow,repetition,shots-and-noise,label-binding,unseen-task,order",
+                   help="observations to run, in this order (record-vs-circuit is assembled when all six ran)")
+    p.add_argument("--demo-method", default="atp", choices=["patching", "atp"])
     p.add_argument("--transplant-n", type=int, default=16)
+    p.add_argument("--transplant-layers", default="", help="e.g. 0,6,12,18,24,30: transplant_test on these only")
+    p.add_argument("--n-random", type=int, default=5, help="random controls of the transplant test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out/smollm2")
