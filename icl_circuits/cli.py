@@ -417,12 +417,14 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     args.shots = run_default(model, "attribute", "shots", args.shots)
     task = get_task(args.task, model)
     att = attribute(model, task, shots=args.shots, n=args.n, method=args.method, corruption=args.corruption,
-                    direction=args.direction, seed=args.seed, positions=not args.no_positions,
-                    paths=not args.no_paths, function_vectors=args.function_vectors)  # fmt: skip
+                    other_task=args.other_task, direction=args.direction, seed=args.seed,
+                    positions=not args.no_positions, paths=not args.no_paths,
+                    function_vectors=args.function_vectors)  # fmt: skip
     print(att.to_dataframe().head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(att.summary())
     prov = provenance(model, args.seed, task=args.task, shots=args.shots, n=args.n, method=args.method,
-                      corruption=args.corruption, direction=args.direction)  # fmt: skip
+                      corruption=args.corruption, other_task=args.other_task,
+                      direction=args.direction)  # fmt: skip
     json_path, html_path = write_attribution(att, model, args.out, prov)
     print(f"wrote {json_path} and {html_path}")
     return 0
@@ -617,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact activation patching, AtP, AtP* or all three with their correlations (default all)")
     p.add_argument("--corruption", default="shuffled_labels",
                    choices=["shuffled_labels", "other_task_labels", "filler"], help="how the demos are corrupted")
+    p.add_argument("--other-task", default=None,
+                   help="with --corruption other_task_labels: the task whose labels replace the demo labels")
     p.add_argument("--direction", default="denoising", choices=["denoising", "noising"],
                    help="denoising: patch clean into corrupted (default); noising: corrupted into clean")
     p.add_argument("--no-positions", action="store_true", help="skip residual-stream patching by layer x position")

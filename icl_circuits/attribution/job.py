@@ -215,6 +215,7 @@ def attribute(
     n: int = 32,
     method: str = "all",
     corruption: str = "shuffled_labels",
+    other_task: str | Task | None = None,
     direction: Direction = "denoising",
     seed: int = 0,
     positions: bool = True,
@@ -231,6 +232,8 @@ def attribute(
         corruption: how the demos are corrupted (:data:`icl_circuits.tasks.pairs.CORRUPTIONS`).
         positions: also patch the residual stream per layer and role slot (exact; ``L * slots`` patches; each
             slot's tokens together, so prompts whose pieces differ in token length align).
+        other_task: the task whose labels replace the demo labels for ``corruption="other_task_labels"``
+            (a name or a Task; default: fixture tasks' recorded permutation, required for other tasks).
         top_k: heads decomposed by demo and shown in attention views.
         paths: path-patch every earlier head into the top induction head's (else top head's) q, k and v.
         function_vectors: also rank heads by their function-vector indirect effect on this task.
@@ -247,7 +250,8 @@ def attribute(
         raise InputError(f"need n >= 2 prompt pairs (bootstrap intervals), got {n}")
     wanted = METHODS if method == "all" else (method,)
     task = get_task(task, model)
-    batch = patching_batch(model, task, shots, n, seed, corruption=corruption)
+    other = None if other_task is None else get_task(other_task, model)
+    batch = patching_batch(model, task, shots, n, seed, corruption=corruption, other_task=other)
     args = (model, batch.clean_tokens, batch.corrupted_tokens, batch.answer_tokens, batch.contrast_tokens)
     kw: dict[str, Any] = {"direction": direction, "answer_positions": batch.last_positions}
     exact = activation_patch(*args, "z", progress=progress, **kw) if "patching" in wanted else None

@@ -173,3 +173,16 @@ def test_what_is_skipped_or_unreliable_is_said(ind2l, monkeypatch):
     gap = float((att.heads["patching"].clean_logit_diff - att.heads["patching"].corrupted_logit_diff).mean())
     assert any("gap" in n for n in notes) == (gap <= 0.01 * float(att.heads["patching"].clean_logit_diff.abs().mean()))
     assert {str(w.message) for w in seen} >= set(notes)
+@pytest.mark.fixture
+def test_other_task_labels_uses_the_given_other_task(ind2l):
+    from icl_circuits.tasks.pairs import patching_batch
+
+    task, other = get_task("fixture-bound", ind2l), get_task("fixture-rule-shift2", ind2l)
+    kw = {"shots": 4, "n": 4, "method": "atp", "corruption": "other_task_labels", "positions": False, "paths": False,
+          "progress": False}  # fmt: skip
+    att = attribute(ind2l, task, other_task="fixture-rule-shift2", **kw)
+    want = patching_batch(ind2l, task, 4, 4, 0, corruption="other_task_labels", other_task=other)
+    assert torch.equal(att.batch.corrupted_tokens, want.corrupted_tokens)
+    default = attribute(ind2l, task, **kw)  # a fixture task's default other task: a recorded permutation
+    assert not torch.equal(default.batch.corrupted_tokens, want.corrupted_tokens)
+    assert torch.equal(default.batch.clean_tokens, want.clean_tokens)
