@@ -10,10 +10,10 @@ prompts of one length it is the per-position batch mean, as TransformerLens's
 oriented so that *larger = the model does the behaviour better*:
 
 * :class:`LogitDiff` -- ``logit[answer] - logit[contrast]`` at each prompt's answer position (logits);
-* :class:`InContextGain` -- on ``[BOS, r, r]``: ``early - late`` (nats), the mean next-token loss on
-  the first-copy targets ``r[1..n-1]`` minus that on the second-copy targets (``r[0]`` is
-  unpredictable in both copies); Olsson et al.'s in-context score ``late - early`` with the sign
-  flipped, so positive = the model learns in context.
+* :class:`InContextGain` -- on ``[BOS?, r, r]`` (BOS where the model uses one): ``early - late``
+  (nats), the mean next-token loss on the first-copy targets ``r[1..n-1]`` minus that on the
+  second-copy targets (``r[0]`` is unpredictable in both copies); Olsson et al.'s in-context score
+  ``late - early`` with the sign flipped, so positive = the model learns in context.
 
 So **a negative effect means the head helps** (removing it hurts), 0 that it does not matter.
 
