@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,8 @@ class BenchRow:
     reference: str = ""
     reference_s: float | None = None
     note: str = ""
+    ours_mb: float | None = None  # peak resident memory above the start of the timed call (MB), when measured
+    reference_mb: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -49,6 +52,43 @@ def _timer(out: list[float]) -> Iterator[None]:
         yield
     finally:
         out.append(time.perf_counter() - start)
+
+
+def _rss_kb(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process in kB from ``/proc/self/status`` (``None`` where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def _measured(times: list[float], peaks: list[float | None]) -> Iterator[None]:
+    """Time the block (``times``) and its peak resident memory above the start, in MB (``peaks``).
+
+    Peak RSS, not tracemalloc (which misses torch's allocations): freed heap is returned first
+    (``gc.collect``, glibc ``malloc_trim``), the kernel's high-water mark reset (``/proc/self/clear_refs``
+    = 5, Linux >= 4.0), then ``VmHWM - VmRSS(start)`` after the block. ``None`` where Linux's /proc is missing.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        start = _rss_kb("VmRSS")
+    except OSError:
+        start = None
+    with _timer(times):
+        yield
+    peak = _rss_kb("VmHWM")
+    peaks.append(None if start is None or peak is None else (peak - start) / 1024)
 
 
 _TMP: list[Any] = []  # keeps the temporary model folder alive for the process
@@ -382,6 +422,270 @@ def bench_analyses(quick: bool = False) -> list[BenchRow]:
     return rows
 
 
+def _one_head_per_layer(n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """``(l, l mod H)`` for every layer: a peer's one-forward-per-head loop costs the same for every head,
+    so its time on these ``L`` heads times ``H`` estimates all ``L H`` (marked ESTIMATE in the row)."""
+    return [(l, l % n_heads) for l in range(n_layers)]
+
+
+def bench_real_head_scan(model: Any, quick: bool = False) -> list[BenchRow]:
+    """The head scan of a real model at its defaults (:func:`icl_circuits.heads.scan.scan_heads`: 16 x
+    ``[BOS?, r, r]``, ``|r| = 20``, the sweep on the model kind's ``ablation_batch``), stage by stage, and
+    its mean-ablation sweep against ``patching.generic_activation_patch`` (z setter, per-position means of
+    the same sequences; one forward per head) on one head per layer, time x ``n_heads`` = ESTIMATE.
+    ``quick``: no TransformerLens row.
+    """
+    import pandas as pd
+    from transformer_lens import ActivationCache, patching
+
+    from icl_circuits.heads import scores as hd
+    from icl_circuits.heads.scan import scan_heads
+
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long))  # warm-up
+    t: list[float] = []
+    mb: list[float | None] = []
+    with _measured(t, mb):
+        scan = scan_heads(model, seq_len=20, batch=16, seed=0, progress=False)
+    stages = "; ".join(f"{k} {v:.1f}s" for k, v in scan.timings.items())
+    rows = [BenchRow("real", f"head scan with ablation ({L * H} heads)", t[0], "", None, stages, mb[0])]
+    if quick:
+        return rows
+    nb, n = int(scan.ablation_batch or scan.batch), scan.seq_len
+    tokens = scan.tokens[:nb]
+    sweep_s = next(v for k, v in scan.timings.items() if k.startswith("mean-ablation sweep"))
+    subset = _one_head_per_layer(L, H)
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names)
+    mean_cache = ActivationCache({k: cache[k].mean(0, keepdim=True).expand_as(cache[k]).clone() for k in z_names},
+                                 model)  # fmt: skip
+    del cache
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:  # the in-context gain early - late (nats)
+        return torch.tensor(-hd.in_context_score(logits, tokens, n))
+
+    t, mb = [], []
+    with _measured(t, mb), torch.no_grad():
+        index = pd.DataFrame(subset, columns=["layer", "head"])
+        theirs = patching.generic_activation_patch(model, tokens, mean_cache, metric,
+                                                   patching.layer_head_vector_patch_setter, "z", index_df=index)
+        clean = -hd.in_context_score(model(tokens).detach(), tokens, n)
+    gap = max(abs(float(scan.scores["ablation"][l, h]) - (float(theirs[i]) - clean)) for i, (l, h) in enumerate(subset))
+    rows.append(BenchRow("real", f"  its mean-ablation sweep ({L * H} heads x {nb} seqs)", sweep_s,
+                         "generic_activation_patch (z)", t[0] * H,
+                         f"TL ESTIMATE: {len(subset)} heads (one per layer) x {H}; max |ours - TL| {gap:.1e} nats "
+                         "on them; ours MB: see the scan row", None, mb[0]))  # fmt: skip
+    return rows
+
+
+@torch.no_grad()
+def _nnsight_head_patching(
+    lm: Any, clean: torch.Tensor, corrupted: torch.Tensor, heads: list[tuple[int, int]], d_head: int,
+    answer: torch.Tensor, contrast: torch.Tensor, last: torch.Tensor,
+) -> torch.Tensor:
+    """nnsight's activation-patching loop on a Hugging Face Llama: save every layer's ``o_proj`` input (the
+    heads' ``z``, ``[batch, pos, n_heads d_head]``) on the clean run, then one traced corrupted run per head
+    with that head's slice set to its clean value. Returns ``[len(heads), batch]`` logit differences."""
+    zs = []
+    n_layers = max(l for l, _ in heads) + 1
+    with lm.trace(clean):
+        for layer in range(n_layers):
+            zs.append(lm.model.layers[layer].self_attn.o_proj.input.save())
+    rows = torch.arange(clean.shape[0])
+    out = []
+    for layer, head in heads:
+        cols = slice(head * d_head, (head + 1) * d_head)
+        src = zs[layer]
+        with lm.trace(corrupted):
+            z = lm.model.layers[layer].self_attn.o_proj.input
+            z[:, :, cols] = src[:, :, cols]
+            logits = lm.output.logits.save()
+        out.append(logits[rows, last, answer] - logits[rows, last, contrast])
+    return torch.stack(out)
+
+
+def bench_real_patching(model: Any, quick: bool = False) -> list[BenchRow]:
+    """All-heads exact head-output patching (denoising, all positions) and AtP / AtP* on a real model:
+    ``country-capital``, 4 pairs of 4-shot prompts with shuffled demo labels, logit difference
+    answer - contrast at each prompt's answer position.
+
+    Peers, same inputs, same metric: TransformerLens's ``get_act_patch_attn_head_out_all_pos`` and
+    nnsight's documented loop (one traced forward per head, :func:`_nnsight_head_patching`, on the same
+    float32 Hugging Face folder), each on one head per layer, time x ``n_heads`` = ESTIMATE; TransformerLens's
+    ``tools.analysis.attribution_patch`` (one clean forward + one corrupted forward/backward per example) for AtP.
+    nnsight rows need ``pip install nnsight`` (the ``peers`` extra); without it they say so.
+    ``quick``: ours only.
+    """
+    import pandas as pd
+    from transformer_lens import patching as tlp
+    from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attribution_patch
+
+    from icl_circuits.patching.atp import attribution_patch
+    from icl_circuits.patching.exact import activation_patch
+    from icl_circuits.tasks.pairs import patching_batch
+    from icl_circuits.tasks.registry import get_task
+
+    L, H, d_head = int(model.cfg.n_layers), int(model.cfg.n_heads), int(model.cfg.d_head)
+    pairs = patching_batch(model, get_task("country-capital", model), 4, 4, 0, corruption="shuffled_labels")
+    clean, corrupted = pairs.clean_tokens, pairs.corrupted_tokens
+    answer, contrast, last = pairs.answer_tokens, pairs.contrast_tokens, pairs.last_positions
+    rows_ = torch.arange(clean.shape[0])
+    what = f"{clean.shape[0]} pairs x {clean.shape[1]} tokens"
+    t: list[float] = []
+    mb: list[float | None] = []
+    with _measured(t, mb):
+        ours = activation_patch(model, clean, corrupted, answer, contrast, "z", answer_positions=last, progress=False)
+    ours_s, ours_mb = t[0], mb[0]
+    rows: list[BenchRow] = []
+    subset = _one_head_per_layer(L, H)
+    ours_sub = torch.stack([ours.patched_logit_diff[l, h] for l, h in subset])  # [len(subset), batch]
+    if not quick:
+
+        def metric(logits: torch.Tensor) -> torch.Tensor:
+            return logits[rows_, last, answer] - logits[rows_, last, contrast]
+
+        with torch.no_grad():
+            _, cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
+        t, mb = [], []
+        with _measured(t, mb), torch.no_grad():
+            index = pd.DataFrame(subset, columns=["layer", "head"])
+            swept: Any = tlp.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, metric,
+                                                                 index_axis_names=None, index_df=index, reduce="none")
+        del cache
+        gap = float((ours_sub - swept.values.reshape(len(subset), -1)).abs().max())
+        rows.append(BenchRow("real", f"exact head-out patching ({L * H} heads, {what})", ours_s,
+                             "get_act_patch_attn_head_out_all_pos", t[0] * H,
+                             f"TL ESTIMATE: {len(subset)} heads (one per layer) x {H}; "
+                             f"max |ours - TL| {gap:.1e} logits",
+                             ours_mb, mb[0]))  # fmt: skip
+    else:
+        rows.append(BenchRow("real", f"exact head-out patching ({L * H} heads, {what})", ours_s, "", None, "",
+                             ours_mb))  # fmt: skip
+    if not quick:
+        try:
+            from nnsight import NNsight
+        except ImportError:
+            rows.append(BenchRow("real", "  same, nnsight loop", ours_s, "nnsight", None,
+                                 "SKIPPED: nnsight is not installed (pip install -e '.[peers]')"))  # fmt: skip
+        else:
+            from transformers import AutoModelForCausalLM
+
+            from icl_circuits.models import gguf, model_info
+
+            info = model_info(model)
+            is_gguf = info.kind == "gguf" and info.file is not None and info.sha256 is not None
+            folder = gguf.dequantised_dir(Path(str(info.file)), str(info.sha256)) if is_gguf else None
+            if folder is None:
+                rows.append(BenchRow("real", "  same, nnsight loop", ours_s, "nnsight", None,
+                                     f"SKIPPED: the nnsight row needs a GGUF-loaded model, got kind {info.kind!r}"))
+            else:
+                hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+                lm = NNsight(hf)
+                t, mb = [], []
+                with _measured(t, mb):
+                    theirs = _nnsight_head_patching(lm, clean, corrupted, subset, d_head, answer, contrast, last)
+                gap = float((ours_sub - theirs).abs().max())
+                rows.append(BenchRow("real", "  same, nnsight loop", ours_s, "nnsight trace per head", t[0] * H,
+                                     f"nnsight ESTIMATE: {len(subset)} heads x {H}; max |ours - nnsight| {gap:.1e} "
+                                     "logits (HF weights, unfolded)", ours_mb, mb[0]))  # fmt: skip
+                del lm, hf
+    t, mb = [], []
+    with _measured(t, mb):
+        atp = attribution_patch(model, clean, corrupted, answer, contrast, "z", answer_positions=last, graddrop=False)
+    atp_s, atp_mb = t[0], mb[0]
+    if not quick:
+        scores = torch.zeros(L, H)
+        t, mb = [], []
+        with _measured(t, mb):  # its metric sees one example's logits: call it per example, as it loops itself
+            for b in range(clean.shape[0]):
+                a_b, c_b, p_b = int(answer[b]), int(contrast[b]), int(last[b])
+
+                def metric_b(lg: torch.Tensor, a_b: int = a_b, c_b: int = c_b, p_b: int = p_b) -> torch.Tensor:
+                    return lg[0, p_b, a_b] - lg[0, p_b, c_b]
+
+                ref = tl_attribution_patch(model, clean[b : b + 1], corrupted[b : b + 1], metric_b)
+                for node, v in ref.node_scores.items():
+                    if node.kind == "attn_head_out":
+                        scores[node.layer, node.head] += v / clean.shape[0]
+        gap = float((atp.atp.mean(-1) - scores).abs().max())
+        rows.append(BenchRow("real", "AtP, heads", atp_s, "tools.analysis.attribution_patch", t[0],
+                             f"max |ours - TL| {gap:.1e} logits (z nodes summed over positions)", atp_mb, mb[0]))
+    else:
+        rows.append(BenchRow("real", "AtP, heads", atp_s, "", None, "", atp_mb))
+    t, mb = [], []
+    with _measured(t, mb):
+        star = attribution_patch(model, clean, corrupted, answer, contrast, "z", answer_positions=last)
+    agree = star.agreement(ours)
+    corr = "; ".join(f"{k} r={v:.2f} rho={agree.spearman[k]:.2f}" for k, v in agree.pearson.items())
+    rows.append(BenchRow("real", f"AtP* (QK fix + GradDrop, {L} extra backwards)", t[0], "", None,
+                         f"no TransformerLens counterpart; vs exact: {corr}", mb[0]))  # fmt: skip
+    return rows
+
+
+def bench_real_precision(model: Any, quick: bool = False) -> list[BenchRow]:
+    """The mean-ablation sweep of one middle layer's heads (4 x ``[BOS?, r, r]``, ``|r| = 20``, the scan's
+    sequences) at torch's float32 matmul precision ``"highest"`` against ``"medium"`` (on CPUs with
+    AVX512-BF16, oneDNN's bfloat16-based float32 GEMMs), back to back in this process; the reference column
+    is ``"highest"``. ``quick``: one run each instead of two (the row keeps the faster of each).
+    """
+    from icl_circuits.heads import scores as hd
+    from icl_circuits.io import generator
+    from icl_circuits.patching.ablation import InContextGain, mean_ablation_sweep
+
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    layer = L // 2
+    tokens = hd.repeated_random_tokens(model, 16, 20, generator(0))[:4]
+    heads = [(layer, h) for h in range(H)]
+    times: dict[str, list[float]] = {"highest": [], "medium": []}
+    effects: dict[str, torch.Tensor] = {}
+    for precision in ("highest", "medium") * (1 if quick else 2):
+        with _timer(times[precision]):
+            sweep = mean_ablation_sweep(model, tokens, InContextGain(tokens, 20), heads=heads,
+                                        pattern_score=lambda p: hd.induction_stripe(p, 20),
+                                        matmul_precision=precision)  # fmt: skip
+        effects[precision] = sweep.effect[layer]
+    gap = float((effects["medium"] - effects["highest"]).abs().max())
+    rows = [BenchRow("real", f"sweep of L{layer}'s {H} heads x 4 seqs, float32 'medium'", min(times["medium"]),
+                     "same at 'highest'", min(times["highest"]),
+                     f"max |medium - highest| {gap:.1e} nats (max |effect| "
+                     f"{float(effects['highest'].abs().max()):.3f}); best of {len(times['medium'])}")]  # fmt: skip
+    if quick:
+        return rows
+    import pandas as pd
+    from transformer_lens import ActivationCache, patching
+
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names)
+    mean_cache = ActivationCache({k: cache[k].mean(0, keepdim=True).expand_as(cache[k]).clone() for k in z_names},
+                                 model)  # fmt: skip
+    del cache
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:  # the in-context gain early - late (nats)
+        return torch.tensor(-hd.in_context_score(logits, tokens, 20))
+
+    tl: list[float] = []
+    index = pd.DataFrame(heads, columns=["layer", "head"])
+    for _ in range(2):  # after the sweeps above; both at torch's default precision
+        with _timer(tl), torch.no_grad():
+            theirs = patching.generic_activation_patch(model, tokens, mean_cache, metric,
+                                                       patching.layer_head_vector_patch_setter, "z", index_df=index)
+    with torch.no_grad():
+        clean = -hd.in_context_score(model(tokens).detach(), tokens, 20)
+    gap = float((effects["highest"] - (theirs.float() - clean)).abs().max())
+    rows.append(BenchRow("real", f"sweep of L{layer}'s {H} heads x 4 seqs, 'highest'", min(times["highest"]),
+                         "generic_activation_patch (z)", min(tl),
+                         f"equal precision, same heads; max |ours - TL| {gap:.1e} nats; best of 2 each"))  # fmt: skip
+    return rows
+
+
+REAL_BENCHMARKS: list[Callable[[Any, bool], list[BenchRow]]] = [
+    bench_real_precision, bench_real_patching, bench_real_head_scan,
+]  # fmt: skip
+
+
 BENCHMARKS: list[Callable[[bool], list[BenchRow]]] = [
     bench_head_scan, bench_fast_weights, bench_patching, bench_analyses,
 ]  # fmt: skip
@@ -391,20 +695,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m icl_circuits.bench", description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="*", help="benchmarks to run (default: all), e.g. head_scan")
     p.add_argument("--quick", action="store_true", help="let benchmarks cut their slowest part (noted per row)")
+    p.add_argument("--model", default=None,
+                   help="instead: the real-model rows on this model, e.g. smollm2-135m (head scan, exact "
+                        "patching, AtP, AtP* against TransformerLens and nnsight; ~1 h on 2 busy cores)")  # fmt: skip
     args = p.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    chosen = [b for b in BENCHMARKS if not args.names or b.__name__.removeprefix("bench_") in args.names]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs visible")
-    rows: list[BenchRow] = []
-    for bench in chosen:
-        rows += bench(args.quick)
-    header = f"{'benchmark':<12} {'what':<48} {'ours s':>8} {'TL s':>8} {'TL/ours':>8}  reference; note"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        ref = "" if r.reference_s is None else f"{r.reference_s:8.2f}"
-        ratio = "" if r.ratio is None else f"{r.ratio:8.2f}"
-        print(f"{r.benchmark:<12} {r.what:<48} {r.ours_s:8.2f} {ref:>8} {ratio:>8}  {r.reference}; {r.note}")
+    header = (f"{'benchmark':<12} {'what':<48} {'ours s':>8} {'ref s':>8} {'ref/ours':>8} {'ours MB':>8} "
+              f"{'ref MB':>8}  reference; note")  # fmt: skip
+    printed = [False]
+
+    def show(rows: list[BenchRow]) -> None:  # rows as each benchmark finishes: a long run shows progress
+        if not printed[0]:
+            print(header)
+            print("-" * len(header))
+            printed[0] = True
+        for r in rows:
+            ref = "" if r.reference_s is None else f"{r.reference_s:8.2f}"
+            ratio = "" if r.ratio is None else f"{r.ratio:8.2f}"
+            o_mb = "" if r.ours_mb is None else f"{r.ours_mb:8.0f}"
+            r_mb = "" if r.reference_mb is None else f"{r.reference_mb:8.0f}"
+            print(f"{r.benchmark:<12} {r.what:<48} {r.ours_s:8.2f} {ref:>8} {ratio:>8} {o_mb:>8} {r_mb:>8}  "
+                  f"{r.reference}; {r.note}", flush=True)
+
+    if args.model is not None:
+        from icl_circuits.models import load_model
+
+        try:
+            import nnsight  # noqa: F401
+        except ImportError:
+            print("nnsight is NOT installed: its rows are skipped (pip install -e '.[peers]')")
+        t: list[float] = []
+        mb: list[float | None] = []
+        with _measured(t, mb):
+            model = load_model(args.model, device="cpu")
+        show([BenchRow("real", f"load {args.model}", t[0], "", None, "float32; GGUF dequantised once, cached",
+                       mb[0])])  # fmt: skip
+        for real in REAL_BENCHMARKS:
+            if not args.names or real.__name__.removeprefix("bench_") in args.names:
+                show(real(model, args.quick))
+    else:
+        for bench in BENCHMARKS:
+            if not args.names or bench.__name__.removeprefix("bench_") in args.names:
+                show(bench(args.quick))
     return 0
 
 

@@ -311,7 +311,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ModelSpecError("the default model fixture:icl-tiny is not built yet: run make fixtures")
     demo = argparse.Namespace(
         model="fixture:icl-tiny", tokenizer=None, device=args.device, seed=args.seed, seq_len=20, batch=16,
-        no_ablation=False, out=args.out,
+        no_ablation=False, ablation_batch=None, out=args.out,
     )
     return _cmd_head_scan(demo)
 
@@ -321,8 +321,12 @@ def _cmd_head_scan(args: argparse.Namespace) -> int:
     from icl_circuits.heads.scan import scan_heads
     from icl_circuits.models import load_model
 
+    start = time.perf_counter()
     model = _model(args, load_model)
-    scan = scan_heads(model, seq_len=args.seq_len, batch=args.batch, seed=args.seed, ablation=not args.no_ablation)
+    print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; scanning {model.cfg.n_layers} x "
+          f"{model.cfg.n_heads} heads", flush=True)
+    scan = scan_heads(model, seq_len=args.seq_len, batch=args.batch, seed=args.seed, ablation=not args.no_ablation,
+                      ablation_batch=args.ablation_batch, log=lambda line: print(line, flush=True))  # fmt: skip
     cols = ["name", "induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation", "roles"]
     print(scan.to_dataframe()[cols].head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(scan.summary())
@@ -374,9 +378,12 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
     model = _model(args, load_model)
     args.n = run_default(model, "fast-weights", "n", args.n)
     args.shots = run_default(model, "fast-weights", "shots", args.shots)
+    args.layer_stride = run_default(model, "fast-weights", "layer_stride", args.layer_stride)
+    args.n_random = run_default(model, "fast-weights", "n_random", args.n_random)
     heads = "auto" if args.heads == "auto" else args.heads
     run = run_fast_weights(model, args.task, args.shots, heads=heads, n_top=args.top, n=args.n, seed=args.seed,
-                           transplant=not args.no_transplant, predictions=not args.no_predictions)  # fmt: skip
+                           transplant=not args.no_transplant, predictions=not args.no_predictions,
+                           layer_stride=args.layer_stride, n_random=args.n_random)  # fmt: skip
     cols = ["layer", "head", "demo_share", "answer_dla", "effective_rank", "rank90", "reconstruction_cosine"]
     df = run.to_dataframe().sort_values("answer_dla", ascending=False)
     print(df[cols].head(8).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -388,9 +395,11 @@ def _cmd_fast_weights(args: argparse.Namespace) -> int:
               f"shuffled {t.shuffled_control_acc:.3f}; with the fast weight {t.fast_weight_acc:.3f}, random "
               f"{t.fast_weight_random_acc:.3f}, shuffled {t.fast_weight_shuffled_acc:.3f}, softmax memory "
               f"{t.memory_acc:.3f}")  # fmt: skip
+    print(run.findings()["reading"])
     for what in run.skipped:
         print(f"skipped: {what}")
-    prov = provenance(model, args.seed, task=args.task, shots=args.shots, heads=args.heads, n=args.n, top=args.top)
+    prov = provenance(model, args.seed, task=args.task, shots=args.shots, heads=args.heads, n=args.n, top=args.top,
+                      layer_stride=args.layer_stride, n_random=args.n_random)  # fmt: skip
     json_path, html_path = write_fast_weights(run, args.out, prov)
     print(f"wrote {json_path} and {html_path}")
     return 0
@@ -408,12 +417,14 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     args.shots = run_default(model, "attribute", "shots", args.shots)
     task = get_task(args.task, model)
     att = attribute(model, task, shots=args.shots, n=args.n, method=args.method, corruption=args.corruption,
-                    direction=args.direction, seed=args.seed, positions=not args.no_positions,
-                    paths=not args.no_paths, function_vectors=args.function_vectors)  # fmt: skip
+                    other_task=args.other_task, direction=args.direction, seed=args.seed,
+                    positions=not args.no_positions, paths=not args.no_paths,
+                    function_vectors=args.function_vectors)  # fmt: skip
     print(att.to_dataframe().head(10).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(att.summary())
     prov = provenance(model, args.seed, task=args.task, shots=args.shots, n=args.n, method=args.method,
-                      corruption=args.corruption, direction=args.direction)  # fmt: skip
+                      corruption=args.corruption, other_task=args.other_task,
+                      direction=args.direction)  # fmt: skip
     json_path, html_path = write_attribution(att, model, args.out, prov)
     print(f"wrote {json_path} and {html_path}")
     return 0
@@ -458,6 +469,67 @@ def _cmd_dynamics(args: argparse.Namespace) -> int:
     json_path, html_path = write_dynamics(dyn, args.out if args.out is not None else args.run_dir)
     print(f"wrote {json_path} and {html_path}")
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from icl_circuits.lab.sweep import run_sweep
+
+    result = run_sweep(args.sweep_file, args.out, engine=args.engine, address=args.address, num_cpus=args.num_cpus,
+                       seed=args.seed_given, threads=args.threads, commands=sweep_commands())  # fmt: skip
+    print(result.reading())
+    print(f"wrote {result.out_dir}/results.csv and {result.out_dir}/summary.html")
+    return 0 if not result.counts()["error"] else 2
+
+
+def _subparser_of(command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if command not in sub.choices:
+        raise InputError(f"unknown command {command!r}{_did_you_mean(command, list(sub.choices))}")
+    return sub.choices[command]
+
+
+#: The commands a ``command`` sweep may run: they take --model, --seed and --out.
+SWEEP_COMMANDS = ("evaluate", "head-scan", "fast-weights", "attribute", "analyze")
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """Parse ``argv`` as the parser would, raising an :class:`InputError` with its message instead of exiting
+    (a sweep checks every cell's command line before running any); also checks the model spec and task names."""
+    import contextlib
+    import io
+
+    if not argv or argv[0] not in SWEEP_COMMANDS:
+        given = argv[0] if argv else ""
+        raise InputError(f"a sweep runs one of {', '.join(SWEEP_COMMANDS)}, got {given!r}"
+                         f"{_did_you_mean(given, SWEEP_COMMANDS)}")  # fmt: skip
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(list(argv))
+    except SystemExit:
+        lines = [x for x in err.getvalue().splitlines() if x.strip()]
+        raise InputError(lines[-1] if lines else f"the parser refuses {list(argv)}") from None
+    args.model = check_model_spec(args.model)
+    if getattr(args, "task", None) is not None:
+        check_task_name(args.task)
+    if getattr(args, "tasks", None) is not None:
+        for t in args.tasks.split(","):
+            check_task_name(t, "--tasks")
+    if getattr(args, "name", None) is not None:
+        check_analysis_name(args.name)
+
+
+def command_task_option(command: str) -> str | None:
+    """``"--task"``, ``"--tasks"`` or ``None``: how ``command`` takes its task."""
+    options = {o for a in _subparser_of(command)._actions for o in a.option_strings}
+    return next((o for o in ("--task", "--tasks") if o in options), None)
+
+
+def sweep_commands() -> Any:  # -> icl_circuits.lab.sweep.Commands
+    """How a ``command`` sweep runs its cells: :func:`main` in process, checked by :func:`check_command_line`."""
+    from icl_circuits.lab.sweep import Commands
+
+    return Commands(main=main, check=check_command_line, task_option=command_task_option)
 
 
 def _out_arg(p: argparse.ArgumentParser, default: str | None, files: str) -> None:
@@ -510,9 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "Writes head_scan.json and the offline report head_scan.html.", _cmd_head_scan)  # fmt: skip
     add_model_args(p)
     p.add_argument("--seq-len", type=at_least(2), default=20,
-                   help="length n of the random segment in [BOS, r, r] (default 20)")  # fmt: skip
+                   help="length n of the random segment in [BOS?, r, r] (BOS per --bos; default 20)")  # fmt: skip
     p.add_argument("--batch", type=at_least(1), default=16, help="sequences per measurement (default 16)")
     p.add_argument("--no-ablation", action="store_true", help="skip the mean-ablation sweep (one forward per head)")
+    p.add_argument("--ablation-batch", type=at_least(1), default=None,
+                   help="sweep the first N of the --batch sequences (default: all on a fixture model, "
+                        "4 on a language model; README 'Measured speed')")  # fmt: skip
     _out_arg(p, "out/head_scan", "head_scan.json and head_scan.html")
 
     p = _subparser(sub, "fast-weights", "the demos' fast-weight contribution per head; transplant; predictions",
@@ -524,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default="auto", help="auto (all heads; top by the demos' answer logit) or L.H,...")
     p.add_argument("--top", type=at_least(1), default=4, help="heads in the task vector with --heads auto (default 4)")
     p.add_argument("--n", type=at_least(2), default=None, help=f"prompts (default {_defaults('fast-weights', 'n')})")
+    p.add_argument("--layer-stride", type=at_least(1), default=None,
+                   help=f"the transplant sweeps every k-th layer (default {_defaults('fast-weights', 'layer_stride')})")
+    p.add_argument("--n-random", type=at_least(1), default=None,
+                   help=f"random-vector controls of the transplant (default {_defaults('fast-weights', 'n_random')})")
     p.add_argument("--no-transplant", action="store_true", help="skip the transplant test")
     p.add_argument("--no-predictions", action="store_true", help="skip the repetition/noise/order measurements")
     _out_arg(p, "out/fast_weights", "fast_weights.json and fast_weights.html")
@@ -540,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact activation patching, AtP, AtP* or all three with their correlations (default all)")
     p.add_argument("--corruption", default="shuffled_labels",
                    choices=["shuffled_labels", "other_task_labels", "filler"], help="how the demos are corrupted")
+    p.add_argument("--other-task", default=None,
+                   help="with --corruption other_task_labels: the task whose labels replace the demo labels")
     p.add_argument("--direction", default="denoising", choices=["denoising", "noising"],
                    help="denoising: patch clean into corrupted (default); noising: corrupted into clean")
     p.add_argument("--no-positions", action="store_true", help="skip residual-stream patching by layer x position")
@@ -581,6 +662,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=at_least(1, 1024), default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else half the cores, 1 to 4)")  # fmt: skip
     _out_arg(p, None, "dynamics.json and dynamics.html (default: RUN_DIR)")
+
+    p = _subparser(sub, "sweep", "run a grid of training runs or commands (configs x seeds) on Ray or in turn",
+                   "Writes OUT/cells/CELL_ID/ (each cell's run folder or command output), results.csv (one row "
+                   "per cell: status, error, seconds, seed, overrides, versions, headline numbers) and the offline "
+                   "summary.html. A rerun computes only the cells that have not finished. Exit code 2 when a cell "
+                   "failed (its error is in the table).", _cmd_sweep)  # fmt: skip
+    p.add_argument("sweep_file", metavar="SWEEP_FILE", help="a .toml or .json sweep file (see analyses/lab/)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the sweep folder, created with its parents")
+    p.add_argument("--engine", choices=("ray", "local"), default="ray",
+                   help="ray: each cell a Ray task (needs pip install 'icl_circuits[sweep]'); local: one cell "
+                        "after another in this process (default ray)")  # fmt: skip
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local instance)")
+    p.add_argument("--num-cpus", type=at_least(1, 1024), default=None,
+                   help="CPUs of the local Ray instance (default: all)")  # fmt: skip
+    p.add_argument("--seed", dest="seed_given", type=seed_value, default=None,
+                   help=f"run only this seed (replaces the file's seeds), an integer in 0..{SEED_MAX}")  # fmt: skip
+    p.add_argument("--threads", type=at_least(1, 1024), default=None,
+                   help="torch threads per cell with --engine local (default: the file's cpus_per_task)")
     return parser
 
 

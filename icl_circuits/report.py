@@ -1,8 +1,10 @@
 """Self-contained HTML reports that open offline: plotly.js and the circuitsvis bundle are embedded.
 
 A report is a list of :class:`Section` (title, HTML body, a short written reading) rendered into one
-page by :func:`render_page`; :func:`write_report` writes it atomically. plotly.js (~3.5 MB) is
-embedded once, in the page head; every figure is then a ``<div>`` with its own ``<script>``.
+page by :func:`render_page`; :func:`write_report` writes it atomically. plotly.js is embedded once, in
+the page head -- the vendored cartesian bundle (1.5 MB, ``icl_circuits/_vendor/README.md``) when every
+trace on the page is one of its types, else the full bundle of the ``plotly`` package (4.8 MB); every
+figure is then a ``<div>`` with its own ``<script>``.
 circuitsvis views use the bundle's ``local_src`` (inline JS), never the CDN version.
 """
 
@@ -11,8 +13,10 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +42,42 @@ class Section:
         return [p for p in parts if p]
 
 
-def plotly_js() -> str:
-    """The plotly.js bundle shipped with the ``plotly`` package (inlined once per page)."""
+#: The trace types of the vendored partial bundle ``plotly.js-cartesian-dist-min`` (its README).
+CARTESIAN_TRACES = frozenset({"bar", "box", "contour", "heatmap", "histogram", "histogram2d", "histogram2dcontour",
+                              "image", "pie", "scatter", "scatterternary", "violin"})  # fmt: skip
+CARTESIAN_JS = Path(__file__).parent / "_vendor" / "plotly-cartesian.min.js"
+_NEW_PLOT = re.compile(r"Plotly\.newPlot\(\s*\"[^\"]+\",\s*")
+
+
+@cache
+def _cartesian_js() -> str | None:
+    """The vendored cartesian bundle, or ``None`` when it is missing or not the installed plotly's version."""
+    from plotly.offline import get_plotlyjs_version
+
+    if not CARTESIAN_JS.is_file():
+        return None
+    text = CARTESIAN_JS.read_text(encoding="utf-8")
+    return text if f"plotly.js (cartesian - minified) v{get_plotlyjs_version()}\n" in text[:200] else None
+
+
+def trace_types(page_html: str) -> set[str]:
+    """The trace types of every ``Plotly.newPlot`` call in ``page_html`` (a trace without ``type``: scatter)."""
+    out: set[str] = set()
+    dec = json.JSONDecoder()
+    for m in _NEW_PLOT.finditer(page_html):
+        data, _ = dec.raw_decode(page_html, m.end())
+        out |= {str(t.get("type", "scatter")) for t in data}
+    return out
+
+
+def plotly_js(traces: Iterable[str] | None = None) -> str:
+    """The plotly.js bundle to inline once per page: the vendored cartesian bundle when ``traces`` (the page's
+    trace types) are all among :data:`CARTESIAN_TRACES` and it matches the installed plotly's version, else
+    the full bundle shipped with the ``plotly`` package (also for ``traces=None``)."""
     from plotly.offline import get_plotlyjs
 
-    return get_plotlyjs()
+    small = _cartesian_js() if traces is not None and set(traces) <= CARTESIAN_TRACES else None
+    return small if small is not None else get_plotlyjs()
 
 
 def figure_html(fig: Any) -> str:
@@ -64,12 +99,14 @@ def attention_html(
 
 
 def table_html(df: Any, *, max_rows: int = 40, float_format: str = "{:.3f}") -> str:
-    """A pandas DataFrame as an HTML table that scrolls inside its own box: no index column (a named or
-    non-default index becomes a column), the first ``max_rows`` rows, and a note with the true row count when
-    rows were left out."""
+    """A pandas DataFrame as an HTML table that scrolls inside its own box: no index column (a named index, or
+    an unnamed one that is not integer positions, e.g. labels, becomes a column; the positions left by
+    ``sort_values`` do not), the first ``max_rows`` rows, and a note with the true row count when rows were
+    left out."""
     import pandas as pd
 
-    if not isinstance(df.index, pd.RangeIndex) or any(df.index.names):
+    named = any(n is not None for n in df.index.names)
+    if named or not (isinstance(df.index, pd.RangeIndex) or pd.api.types.is_integer_dtype(df.index)):
         df = df.reset_index()
     table = df.head(max_rows).to_html(
         classes="icl-table", border=0, index=False, float_format=lambda x: float_format.format(x), na_rep="—"
@@ -100,7 +137,7 @@ def render_page(title: str, sections: Sequence[Section], provenance: dict[str, A
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title>",
         f"<style>{_CSS}</style>",
-        f'<script type="text/javascript">{plotly_js()}</script>',
+        f'<script type="text/javascript">{plotly_js(trace_types("".join(s.body for s in sections)))}</script>',
         "</head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]

@@ -147,6 +147,20 @@ def cell_composition(model: Any, b: Batch) -> Pair:
     return ours, ref
 
 
+def cell_copying(model: Any, b: Batch) -> Pair:
+    """OV copying scores against the eigenvalues of the dense full OV circuit ``W_E[S] (W_V W_O) W_U[:, S]``
+    built from TransformerLens's own ``model.OV`` (its key/value-head expansion, not ours)."""
+    from icl_circuits.heads.composition import copying_scores
+    from icl_circuits.heads.scores import ordinary_token_ids
+
+    ours = copying_scores(model)
+    S = ordinary_token_ids(model).to(model.W_E.device)
+    ov = model.OV.AB.detach().double()  # [layer, head, d_model, d_model]
+    full = model.W_E.detach().double()[S] @ ov @ model.W_U.detach().double()[:, S]  # [layer, head, |S|, |S|]
+    eig = torch.linalg.eigvals(full)
+    return ours.float().cpu(), (eig.real.sum(-1) / eig.abs().sum(-1)).float().cpu()
+
+
 def cell_mean_ablation(model: Any, b: Batch) -> Pair:
     from icl_circuits.patching.ablation import LogitDiff, mean_ablation_sweep
 
@@ -197,7 +211,8 @@ def _atp_grad_reference(model: Any, b: Batch, name_of: Callable[[int], str]) -> 
     with torch.enable_grad(), model.hooks(fwd_hooks=[(name_of(l), keep(l)) for l in range(model.cfg.n_layers)]):
         logits = model(b.corrupted)
         ld = (logits[rows, b.last, b.answers] - logits[rows, b.last, b.contrasts]).sum()
-        grads = torch.autograd.grad(ld, [acts[l] for l in range(model.cfg.n_layers)])
+        grads = torch.autograd.grad(ld, [acts[l] for l in range(model.cfg.n_layers)], allow_unused=True)
+    grads = tuple(torch.zeros_like(acts[l]) if g is None else g for l, g in enumerate(grads))  # a cut layer: none
     src = _cache(model, b.clean, lambda n: n in {name_of(l) for l in range(model.cfg.n_layers)})
     return ({l: acts[l].detach() for l in acts}, dict(enumerate(grads)),
             {l: src[name_of(l)] for l in range(model.cfg.n_layers)})  # fmt: skip
@@ -230,6 +245,81 @@ def cell_atp_qk(model: Any, b: Batch) -> Pair:
                               [_replace(name, srcq[name], (slice(None), slice(None), h))])  # fmt: skip
             ref[l, h] = ((pat - base[l]) * grad[l])[:, h].sum((-1, -2)).cpu()
     return res.atp_qk.float().cpu(), ref
+
+
+def cell_atp_qk_keys(model: Any, b: Batch) -> Pair:
+    """AtP* QK fix on keys (per key/value head, every key position at once): ``sum (A' - A) dLD/dA`` over the
+    query heads that share the key head, ``A'`` the pattern of a real forward with that head's ``k`` patched."""
+    from icl_circuits.patching.atp import attribution_patch
+
+    res = attribution_patch(model, b.clean, b.corrupted, b.answers, b.contrasts, "k", answer_positions=b.last,
+                            graddrop=False)  # fmt: skip
+    base, grad, _ = _atp_grad_reference(model, b, lambda l: f"blocks.{l}.attn.hook_pattern")
+    srck = _cache(model, b.clean, lambda n: n.endswith("attn.hook_k"))
+    n_kv = srck["blocks.0.attn.hook_k"].shape[2]
+    ref = torch.zeros(model.cfg.n_layers, n_kv, b.clean.shape[0])
+    for l in range(model.cfg.n_layers):
+        for h in range(n_kv):
+            name = f"blocks.{l}.attn.hook_k"
+            pat = _cache_with(model, b.corrupted, f"blocks.{l}.attn.hook_pattern",
+                              [_replace(name, srck[name], (slice(None), slice(None), h))])  # fmt: skip
+            ref[l, h] = ((pat - base[l]) * grad[l]).sum((1, 2, 3)).cpu()  # other groups' patterns do not move
+    return res.atp_qk.float().cpu(), ref
+
+
+def cell_graddrop(model: Any, b: Batch) -> Pair:
+    """AtP* GradDrop on head outputs per position: ``sum_l' |(z_clean - z_base) . dLD/dz|_{layer l' cut}| / (L-1)``,
+    the gradients of forwards whose layer ``l'`` attention and MLP writes are detached (each detach checked to
+    fire and to leave that layer's own heads without gradient)."""
+    from icl_circuits.patching.atp import attribution_patch
+
+    res = attribution_patch(model, b.clean, b.corrupted, b.answers, b.contrasts, "z", per_position=True,
+                            answer_positions=b.last)  # fmt: skip
+    assert res.atp_star is not None
+    n_layers = model.cfg.n_layers
+    total = torch.zeros(res.atp_star.shape)
+    for cut in range(n_layers):
+        fired: set[str] = set()
+
+        def detach(t: torch.Tensor, hook: Any, fired: set[str] = fired) -> torch.Tensor:
+            fired.add(hook.name)
+            return t.detach()
+
+        cuts = [f"blocks.{cut}.hook_attn_out", f"blocks.{cut}.hook_mlp_out"]
+        with model.hooks(fwd_hooks=[(n, detach) for n in cuts]):
+            base, grad, src = _atp_grad_reference(model, b, lambda l: f"blocks.{l}.attn.hook_z")
+        if fired != set(cuts):
+            raise AssertionError(f"reference: {set(cuts) - fired} never fired, the cut is not made")
+        est = torch.stack([((src[l] - base[l]) * grad[l]).sum(-1) for l in range(n_layers)])  # [layer, b, pos, h]
+        if float(est[cut].abs().max()) != 0.0:
+            raise AssertionError(f"reference: layer {cut}'s heads still get a gradient with its writes cut")
+        total += est.abs().permute(0, 2, 3, 1).float().cpu()
+    return res.atp_star.float().cpu(), total / (n_layers - 1)
+
+
+def cell_patch_by_role(model: Any, b: Batch) -> Pair:
+    """Residual stream patched by role slot (each slot's tokens in every prompt at once) against a plain hook
+    copying the clean ``hook_resid_pre`` at those positions."""
+    from icl_circuits.patching.exact import activation_patch
+    from icl_circuits.tasks.roles import role_slots
+
+    eff = activation_patch(model, b.clean, b.corrupted, b.answers, b.contrasts, "resid_pre", per_position=True,
+                           answer_positions=b.last, roles=b.roles)  # fmt: skip
+    slots = role_slots(b.roles)
+    src = _cache(model, b.clean, lambda n: n.endswith("hook_resid_pre"))
+    ref = []
+    for l in range(model.cfg.n_layers):
+        name = f"blocks.{l}.hook_resid_pre"
+        row = []
+        for s in range(len(slots)):
+            m = slots.mask(s).to(src[name].device)[:, :, None]
+
+            def hook(t: torch.Tensor, hook: Any, m: torch.Tensor = m, name: str = name) -> torch.Tensor:
+                return torch.where(m, src[name], t)
+
+            row.append(_ld(model, b.corrupted, b, [(name, hook)]))
+        ref.append(torch.stack(row))
+    return eff.patched_logit_diff.float().cpu(), torch.stack(ref).cpu()
 
 
 def _cache_with(model: Any, tokens: torch.Tensor, name: str, hooks: list[tuple[str, Any]]) -> torch.Tensor:
@@ -391,6 +481,7 @@ def cell_transplant(model: Any, b: Batch) -> Pair:
 CELLS: dict[str, Callable[[Any, Batch], Pair]] = {
     "scoring": cell_scoring,
     "head scores": cell_head_scores,
+    "copying": cell_copying,
     "composition": cell_composition,
     "mean ablation": cell_mean_ablation,
     "patch z": _exact("z"),
@@ -399,8 +490,11 @@ CELLS: dict[str, Callable[[Any, Batch], Pair]] = {
     "patch v": _exact("v"),
     "patch z by pos": _exact("z", per_position=True),
     "patch resid": _exact("resid_pre", per_position=True),
+    "patch resid by role": cell_patch_by_role,
     "AtP z": cell_atp,
-    "AtP* QK fix": cell_atp_qk,
+    "AtP* QK fix on q": cell_atp_qk,
+    "AtP* QK fix on k": cell_atp_qk_keys,
+    "AtP* GradDrop": cell_graddrop,
     "path patching": cell_path_patching,
     "FV heads": cell_function_vectors,
     "per-demo": cell_per_demo,

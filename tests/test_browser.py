@@ -7,6 +7,7 @@ package (``.ci/run`` installs it); without it these tests skip with that reason,
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from tests.browser import chromium, render
 from tests.helpers import skip_or_fail_in_ci
+from tests.test_results import figures_in_page
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "out" / "screenshots"
@@ -84,6 +86,10 @@ def _attribution_report(out: Path) -> Path:
     return out / "att" / "attribution.html"
 
 
+#: The DOM group plotly draws for each trace of a type (one per trace), to check that every trace was drawn.
+DRAWN = {"scatter": r'class="trace scatter', "bar": r'class="trace bars"', "box": r'class="trace boxes"',
+         "heatmap": r'class="hm"'}  # fmt: skip
+
 REPORTS: dict[str, tuple[Callable[[Path], Path], int, int]] = {
     # kind: (builder writing the report into a folder, min plotly figures, min circuitsvis canvases)
     "basic": (_basic_report, 1, 1),
@@ -111,5 +117,16 @@ def test_report_renders_offline(kind, tmp_path):
     page = render(path, SHOTS / f"{kind}.png")
     assert page.console_errors == []
     assert page.dom.count('class="main-svg"') >= min_plots, "plotly figures did not render"
+    # the page inlines the 1.5 MB cartesian bundle (every trace type is one of it), and every figure rendered
+    assert "plotly.js (cartesian - minified)" in html[:5000] and len(html) < 3_500_000
+    rendered = re.findall(r'<div[^>]*class="[^"]*\bjs-plotly-plot\b', page.dom)  # the class plotly adds once drawn
+    assert len(rendered) == html.count("Plotly.newPlot("), "a figure did not render"
+    wanted, drawn = Counter(), Counter()  # every trace drawn: one plotly DOM group per trace of each type
+    for fig in figures_in_page(html):
+        wanted.update(t.type for t in fig.data)
+    for kind_, marker in DRAWN.items():
+        drawn[kind_] = len(re.findall(marker, page.dom))
+    assert set(wanted) <= set(DRAWN), f"trace types without a drawn-check: {set(wanted) - set(DRAWN)}"
+    assert {k: drawn[k] for k in wanted} == dict(wanted), f"drawn {dict(drawn)}, in the page {dict(wanted)}"
     assert page.dom.count("<canvas") >= min_views, "circuitsvis views did not render"
     assert page.screenshot.is_file() and page.screenshot.stat().st_size > 10_000

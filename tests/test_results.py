@@ -15,6 +15,7 @@ import math
 import pkgutil
 import re
 import warnings
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -24,6 +25,7 @@ import icl_circuits
 from icl_circuits.results import Result, combine_figures
 from tests.analyze.conftest import load_fixture_like
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_METHODS = ("to_dataframe", "_repr_html_", "plot", "figures", "findings")
 
 
@@ -101,7 +103,15 @@ def _lab_results(run_dir):
         run = lt.train(cfg, run_dir / "run", threads=1, progress=False)
     finally:
         torch.set_num_threads(before)
-    return [run, run_dynamics(run_dir / "run", n=4, progress=False)]
+    from icl_circuits.lab.sweep import run_sweep
+
+    (run_dir / "sweep.toml").write_text(f'[sweep]\nbase = "{REPO_ROOT / "analyses/lab/phase_change.toml"}"\n'
+                                        '[grid]\nsteps = [4]\ncheckpoint_every = [4]\n[dynamics]\nn = 4\n')
+    try:  # a one-cell sweep of the same run
+        sweep = run_sweep(run_dir / "sweep.toml", run_dir / "sweep", engine="local", threads=1, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return [run, run_dynamics(run_dir / "run", n=4, progress=False), sweep]
 
 
 @pytest.fixture(scope="module")

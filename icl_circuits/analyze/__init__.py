@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from icl_circuits.analyze.base import Analysis
+from icl_circuits.analyze.base import Analysis, TaskArg
 from icl_circuits.analyze.information_flow import run_information_flow
 from icl_circuits.analyze.label_binding import run_label_binding
 from icl_circuits.analyze.order import run_order
@@ -80,10 +80,11 @@ def run_analysis(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     progress: bool = True,
 ) -> Analysis:
-    """Run analysis ``name`` on ``model`` (``n``: prompts per condition, ``None``: the analysis's default)."""
+    """Run analysis ``name`` on ``model`` (``n``: prompts per condition, ``None``: the analysis's default;
+    ``tasks``: names or :class:`~icl_circuits.tasks.registry.Task` s, ``None``: the analysis's defaults)."""
     return get_analysis(name).run(model, seed=seed, n=n, tasks=tasks, progress=progress)
 
 

@@ -19,7 +19,7 @@ Cost: one forward per ``batch_size`` prompts for each readout.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, runtime_checkable
 
 import torch
 
@@ -28,6 +28,12 @@ from icl_circuits.report import Section, table_html
 from icl_circuits.results import Result
 from icl_circuits.tasks.defaults import uses_corpus_vocab
 from icl_circuits.tasks.scoring import batch_chunks, padded_batch
+
+if TYPE_CHECKING:
+    from icl_circuits.tasks.registry import Task
+
+#: A task argument: a registered name (``get_task``) or a :class:`~icl_circuits.tasks.registry.Task`.
+TaskArg: TypeAlias = "str | Task"
 
 
 @runtime_checkable
@@ -97,33 +103,43 @@ LM_TASKS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+def task_label(task: TaskArg) -> str:
+    """The key a task has in an analysis's rows: the name given, or the ``Task``'s ``name``."""
+    return task if isinstance(task, str) else str(task.name)
+
+
 def pick_tasks(
     model: Any,
-    tasks: Sequence[str] | None,
+    tasks: Sequence[TaskArg] | None,
     fixture: Sequence[str],
     lm: Sequence[str] = LM_TASKS,
     *,
     min_shots: int = 1,
     count: int = 2,
-) -> list[str]:
-    """``tasks`` when given; else ``fixture`` for models on the corpus vocabulary; else the first ``count``
-    tasks of ``lm`` that the model's tokenizer can score (answers with distinct first tokens, see
-    :func:`icl_circuits.tasks.prompts.check_task`) with at least ``min_shots`` demos.
+) -> list[TaskArg]:
+    """``tasks`` when given (names or ``Task`` s, each resolved later by ``get_task``); else ``fixture`` for
+    models on the corpus vocabulary; else the first ``count`` tasks of ``lm`` that the model's tokenizer can
+    score (answers with distinct first tokens, see :func:`icl_circuits.tasks.prompts.check_task`) with at least
+    ``min_shots`` demos.
 
     Raises:
-        TaskError: ``tasks`` is empty, or no task of ``lm`` is usable (each one's reason listed).
+        TaskError: ``tasks`` is empty or two share a name, or no task of ``lm`` is usable (each one's reason listed).
     """
     from icl_circuits.tasks.prompts import check_task
     from icl_circuits.tasks.registry import get_task
 
     if tasks is not None:
-        chosen = [t for t in tasks if t]
+        chosen = [t for t in tasks if not isinstance(t, str) or t]
         if not chosen:
             raise TaskError("tasks must name at least one task (see `icl-circuits tasks`)")
+        labels = [task_label(t) for t in chosen]
+        if len(set(labels)) < len(labels):
+            raise TaskError(f"tasks must have distinct names (they key the results), got {labels}")
         return chosen
     if uses_corpus_vocab(model):
         return list(fixture)
-    usable, why = [], []
+    usable: list[TaskArg] = []
+    why = []
     for name in lm:
         try:
             checked = check_task(model, get_task(name, model))

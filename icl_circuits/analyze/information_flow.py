@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, pick_tasks
+from icl_circuits.analyze.base import AnalysisMixin, TaskArg, check_positive, fmt, pick_tasks, task_label
 from icl_circuits.errors import InputError
 from icl_circuits.heads.scan import token_labels
 from icl_circuits.models import model_info
@@ -66,7 +66,7 @@ def saliency(
     L = int(model.cfg.n_layers)
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
     device = getattr(model.cfg, "device", None) or "cpu"
-    out = torch.zeros(padded.shape[0], L, padded.shape[1], padded.shape[1])
+    out = torch.zeros(padded.shape[0], L, padded.shape[1], padded.shape[1])  # cpu: saliency gathered there
     captured: dict[str, torch.Tensor] = {}
 
     def leaf(x: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -215,7 +215,7 @@ def run_information_flow(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: int | None = None,
     batch_size: int = 16,
     progress: bool = True,
@@ -233,8 +233,9 @@ def run_information_flow(
     rows = []
     example: tuple[tuple[str, ...], torch.Tensor | None] = ((), None)
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k)
-    for name in tqdm(names, desc="information-flow", disable=not progress):
-        checked = check_task(model, get_task(name, model))
+    for given in tqdm(names, desc="information-flow", disable=not progress):
+        name = task_label(given)
+        checked = check_task(model, get_task(given, model))
         ps = build_prompts(model, checked, k, n, seed)
         roles = roles_from_prompts(model, ps, checked.template)
         sal = saliency(model, ps.tokens, ps.answer_ids, batch_size=batch_size)

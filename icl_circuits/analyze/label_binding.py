@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import AnalysisMixin, check_positive, fmt, head_name, pick_tasks
+from icl_circuits.analyze.base import AnalysisMixin, TaskArg, check_positive, fmt, head_name, pick_tasks, task_label
 from icl_circuits.models import model_info
 from icl_circuits.patching.ablation import ablated_logits, mean_z
 from icl_circuits.report import Section, figure_html, table_html
@@ -104,29 +104,39 @@ class LabelBinding(AnalysisMixin):
         return [fig]
 
     def reading(self) -> str:
+        """The reading as one string (:meth:`paragraphs` joined)."""
+        return " ".join(self.paragraphs())
+
+    def paragraphs(self) -> list[str]:
+        """The reading, split: the accuracies, one paragraph per task with its ablation, then the verdict."""
         def accs(labels: str, key: str) -> str:
             return ", ".join(f"{r['task']} {fmt(r[key])}" for r in self.rows if r["labels"] == labels)
 
         text = (f"Accuracy with {self.shots} demos, labels as trained: {accs('own', 'accuracy')}; with upper-case "
                 f"symbol labels bound in context (query among the demos): {accs('symbols', 'accuracy')}.")  # fmt: skip
         if not self.induction_heads:
-            return text + f" The head scan found no induction head ({self.heads_source}), so nothing was ablated."
+            return [text + f" The head scan found no induction head ({self.heads_source}), so nothing was ablated."]
         heads = ", ".join(head_name(h) for h in self.induction_heads)
-        changes = "; ".join(f"{r['task']} ({r['labels']}) {fmt(r['accuracy'])} -> {fmt(r['accuracy_ablated'])} "
-                            f"(control {fmt(r['accuracy_control'])})" for r in self.rows)  # fmt: skip
+        who = "the given heads" if self.heads_source == "given" else "the induction heads"
+        out = [text + f" Mean-ablating {who} {heads} ({self.heads_source}), accuracy clean -> ablated (control):"]
+        for task in dict.fromkeys(r["task"] for r in self.rows):
+            out.append(f"{task}: " + "; ".join(
+                f"{r['labels']} labels {fmt(r['accuracy'])} -> {fmt(r['accuracy_ablated'])} (control "
+                f"{fmt(r['accuracy_control'])})" for r in self.rows if r["task"] == task) + ".")  # fmt: skip
         dep = [f"{r['task']} ({r['labels']})" for r in self.rows if self.depends(r)]
         indep = [f"{r['task']} ({r['labels']})" for r in self.rows if self.depends(r) is False]
         near = [f"{r['task']} ({r['labels']})" for r in self.rows if self.depends(r) is None]
-        who = "the given heads" if self.heads_source == "given" else "the induction heads"
-        return (text + f" Mean-ablating {who} {heads} ({self.heads_source}): {changes}. By the criterion (at least "
-                f"half the accuracy above chance lost, and more than with {len(self.induction_heads)} other heads), "
-                f"these depend on them: {', '.join(dep) or 'none'}; these do not: {', '.join(indep) or 'none'}"
-                + (f"; too close to chance to tell: {', '.join(near)}." if near else "."))  # fmt: skip
+        out.append(f"By the criterion (at least half the accuracy above chance lost, and more than with "
+                   f"{len(self.induction_heads)} other heads), these depend on them: {', '.join(dep) or 'none'}; "
+                   f"these do not: {', '.join(indep) or 'none'}"
+                   + (f"; too close to chance to tell: {', '.join(near)}." if near else "."))  # fmt: skip
+        return out
 
     def sections(self) -> list[Section]:
         (fig,) = self.figures()
         return [
-            Section("Accuracy by task and labels, with the induction heads ablated", figure_html(fig), self.reading()),
+            Section("Accuracy by task and labels, with the induction heads ablated", figure_html(fig),
+                    self.paragraphs()),
             Section("Numbers", table_html(self.to_dataframe(), max_rows=50),
                     "logit_diff = logit[answer] - logit[contrast]; *_ablated: induction heads mean-ablated; "
                     f"*_control: the mean over {self.n_controls} draws of as many other heads."),
@@ -149,7 +159,8 @@ def find_induction_heads(model: Any, seed: int, *, ablation: bool = True) -> tup
 
     seq_len = min(20, (int(model.cfg.n_ctx) - 1) // 2)
     scan = scan_heads(model, seq_len=seq_len, batch=16, seed=seed, ablation=ablation, progress=False)
-    note = f"head scan, seq_len {seq_len}, induction score >= {scan.thresholds.induction}"
+    note = f"head scan, seq_len {seq_len}, induction score >= {scan.thresholds.induction}" + (
+        "" if ablation else ", without the ablation sweep (copying score as the evidence of acting)")
     return list(scan.induction_heads), note
 
 
@@ -158,24 +169,26 @@ def run_label_binding(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: int | None = None,
     heads: Sequence[tuple[int, int]] | None = None,
     n_controls: int = 3,
-    scan_ablation: bool = True,
+    scan_ablation: bool | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> LabelBinding:
     """Accuracy of each task with its own and with symbol labels, clean and with the induction heads
     mean-ablated (module doc). ``heads``: ablate these instead of the head scan's induction heads.
 
-    Defaults: ``n = 64`` prompts per condition, ``shots = 6`` (fixture vocabulary) or 4.
+    Defaults: ``n = 64`` prompts per condition, ``shots = 6`` (fixture vocabulary) or 4; ``scan_ablation``
+    (the head scan's ablation sweep) on fixtures, off on language models (``tasks.defaults``).
 
     Raises:
         InputError: bad sizes or heads; TaskError: unknown task.
     """
     n = run_default(model, "label-binding", "n", n)
     k = run_default(model, "label-binding", "shots", shots)
+    scan_ablation = bool(run_default(model, "label-binding", "scan_ablation", scan_ablation))
     check_positive(n=n, shots=k)
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k)
     if heads is None:
@@ -187,9 +200,10 @@ def run_label_binding(
     controls = [[others[int(i)] for i in torch.randperm(len(others), generator=gen)[: len(chosen)]]
                 for _ in range(n_controls)] if chosen and len(others) >= len(chosen) else []  # fmt: skip
     rows = []
-    jobs = [(name, labels) for name in names for labels in ("own", "symbols")]
-    for name, labels in tqdm(jobs, desc="label-binding", disable=not progress):
-        task = get_task(name, model)
+    jobs = [(given, labels) for given in names for labels in ("own", "symbols")]
+    for given, labels in tqdm(jobs, desc="label-binding", disable=not progress):
+        name = task_label(given)
+        task = get_task(given, model)
         checked = check_task(model, task)
         if labels == "own":
             ps = build_prompts(model, checked, k, n, seed)

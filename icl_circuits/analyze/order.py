@@ -42,12 +42,14 @@ from tqdm.auto import tqdm
 
 from icl_circuits.analyze.base import (
     AnalysisMixin,
+    TaskArg,
     change,
     check_positive,
     fmt,
     head_logit_attribution,
     head_name,
     pick_tasks,
+    task_label,
     uses_corpus_vocab,
 )
 from icl_circuits.errors import TaskError
@@ -57,7 +59,7 @@ from icl_circuits.tasks import corpus
 from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import CheckedTask, check_length, check_task, encode, render_prompt
 from icl_circuits.tasks.registry import FewShot, FixtureTask, Pair, PairTask, Task, get_task
-from icl_circuits.tasks.scoring import answer_logits, label_log_probs
+from icl_circuits.tasks.scoring import answer_logits, at_chance, label_log_probs
 
 FIXTURE_TASKS = ("fixture-bound", "fixture-rule")
 METRICS = ("accuracy", "label_accuracy", "calibrated_accuracy", "logit_diff", "calibrated_logit_diff")
@@ -133,7 +135,7 @@ class OrderSensitivity(AnalysisMixin):
             rows = [r for r in self.rows if r["task"] == task]
             for key, name, color in (("label_accuracy", "uncalibrated", "#4c78a8"),
                                      ("calibrated_accuracy", "calibrated", "#e45756")):  # fmt: skip
-                box = go.Box(x=[f"set {r['set']}" for r in rows], y=[r[key] for r in rows], name=name,
+                box = go.Box(x=[f"set {r['set'] + 1}" for r in rows], y=[r[key] for r in rows], name=name,
                              legendgroup=name, showlegend=j == 1, boxpoints="all", jitter=0.4,
                              marker_color=color)  # fmt: skip
                 acc.add_trace(box, 1, j)
@@ -150,9 +152,24 @@ class OrderSensitivity(AnalysisMixin):
                             title="Standard deviation over orders of each head's direct logit attribution")  # fmt: skip
         return [acc, heads]
 
+    def at_chance(self, task: str) -> bool:
+        """Is ``task``'s mean label accuracy no better than chance (:func:`at_chance`, ``n``: the distinct
+        queries of one order, summed over demo sets)? Rows without ``chance`` (older JSON): ``False``."""
+        rows = [r for r in self.rows if r["task"] == task]
+        if not rows or "chance" not in rows[0]:
+            return False
+        n = sum(int(r["n_queries"]) for r in rows if r["order"] == 0)
+        return at_chance(self.spread(task, "label_accuracy")["mean"], float(rows[0]["chance"]), max(n, 1))
+
     def _reading(self, task: str) -> str:
         a, c = self.spread(task, "label_accuracy"), self.spread(task, "calibrated_accuracy")
         ld, cld = self.spread(task, "logit_diff"), self.spread(task, "calibrated_logit_diff")
+        if self.at_chance(task):
+            chance = next(r["chance"] for r in self.rows if r["task"] == task)
+            return (f"{task} ({self.shots} demos, {self.n_sets} demo sets x {self.n_orders} orders): mean accuracy "
+                    f"(argmax over the labels) {fmt(a['mean'])} is at chance ({fmt(chance)}, within 2 standard "
+                    f"errors); its spread over orders (range {fmt(a['range'])}, sd {fmt(a['sd'])}) is spread around "
+                    "chance, so neither the order sensitivity, the calibration nor the heads are read.")  # fmt: skip
         heads = ", ".join(f"{head_name(h)} (sd {sd:.2f}, mean |attribution| {m:.2f})"
                           for h, sd, m in self.top_heads(task))  # fmt: skip
         return (
@@ -183,8 +200,9 @@ class OrderSensitivity(AnalysisMixin):
         a = self.spread(task, "label_accuracy")
         return {"task": task, "accuracy": a["mean"], "accuracy_range": a["range"], "accuracy_sd": a["sd"],
                 "calibrated_accuracy": c["mean"], "calibrated_range": c["range"],
-                "logit_diff_sd": self.spread(task, "logit_diff")["sd"], "top_head": head_name(top),
-                "top_head_sd": sd, "reading": self._reading(task)}  # fmt: skip
+                "logit_diff_sd": self.spread(task, "logit_diff")["sd"],
+                "top_head": None if self.at_chance(task) else head_name(top),
+                "top_head_sd": sd, "at_chance": self.at_chance(task), "reading": self._reading(task)}  # fmt: skip
 
 
 # ---------------------------------------------------------------- prompts
@@ -238,9 +256,10 @@ def content_free_input(model: Any, checked: CheckedTask) -> str:
 # ---------------------------------------------------------------- the run
 
 
-def _task_rows(model: Any, name: str, k: int, n_sets: int, n_orders: int, m: int, seed: int,
+def _task_rows(model: Any, given: TaskArg, k: int, n_sets: int, n_orders: int, m: int, seed: int,
                batch_size: int) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, str]:  # fmt: skip
-    checked = check_task(model, get_task(name, model))
+    name = task_label(given)
+    checked = check_task(model, get_task(given, model))
     checked.task.check_shots(k)
     cf = content_free_input(model, checked)
     rng, manip = np.random.default_rng(seed), np.random.default_rng([seed, 1])
@@ -281,11 +300,11 @@ def _task_rows(model: Any, name: str, k: int, n_sets: int, n_orders: int, m: int
     }
     rows = []
     n_cond = int(cond.max()) + 1
-    head_mean = torch.zeros(n_cond, *dla.shape[1:])
+    head_mean = torch.zeros(n_cond, *dla.shape[1:], device=dla.device)
     for j in range(n_cond):
         sel = cond == j
         rows.append({"task": name, "set": j // n_o, "order": j % n_o, "n_queries": int(sel.sum()),
-                     **{key: float(v[sel].mean()) for key, v in per.items()}})  # fmt: skip
+                     "chance": 1.0 / len(labels), **{key: float(v[sel].mean()) for key, v in per.items()}})  # fmt: skip
         head_mean[j] = dla[sel].mean(0)
     per_set = head_mean.reshape(n_sets, n_o, *dla.shape[1:])
     return rows, per_set.std(1, unbiased=False).mean(0), per_set.abs().mean((0, 1)), cf
@@ -296,7 +315,7 @@ def run_order(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: int | None = None,
     n_orders: int = 24,
     queries: int = 8,
@@ -318,8 +337,9 @@ def run_order(
     names = pick_tasks(model, tasks, FIXTURE_TASKS, min_shots=k + 1)
     rows: list[dict[str, Any]] = []
     sd, mabs, cf = {}, {}, {}
-    for name in tqdm(names, desc="order", disable=not progress):
-        r, sd[name], mabs[name], cf[name] = _task_rows(model, name, k, n_sets, n_orders, queries, seed, batch_size)
+    for given in tqdm(names, desc="order", disable=not progress):
+        name = task_label(given)
+        r, sd[name], mabs[name], cf[name] = _task_rows(model, given, k, n_sets, n_orders, queries, seed, batch_size)
         rows += r
     n_o = min(math.factorial(k), n_orders)
     return OrderSensitivity(model_info(model).spec, seed, k, n_sets, n_o, cf, tuple(rows), sd, mabs)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from icl_circuits.analyze.base import Analysis, AnalysisMixin, fmt
+from icl_circuits.analyze.base import Analysis, AnalysisMixin, TaskArg, fmt
 from icl_circuits.analyze.information_flow import run_information_flow
 from icl_circuits.analyze.label_binding import LabelBinding, run_label_binding
 from icl_circuits.analyze.order import run_order
@@ -71,7 +71,9 @@ class RecordVsCircuit(AnalysisMixin):
         out = []
         for part, (_, _, keys) in zip(self.parts, PARTS):
             f = part.findings()
-            measures = "; ".join(f"{label}: {_show(f.get(k))}" for k, label in keys.items())
+            chance = any(f.get(c) is True for c in ("at_chance", "unseen_at_chance"))  # a value left unread
+            shown = {k: "not read (at chance)" if chance and f.get(k) is None else _show(f.get(k)) for k in keys}
+            measures = "; ".join(f"{label}: {shown[k]}" for k, label in keys.items())
             if isinstance(part, LabelBinding):
                 for labels in ("own", "symbols"):
                     accs = ", ".join(f"{r['task']} {_show(r['accuracy'])} ({_show(r['accuracy_ablated'])})"
@@ -124,7 +126,7 @@ def run_record_vs_circuit(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     progress: bool = True,
 ) -> RecordVsCircuit:
     """Run the six analyses with their defaults (``n`` and ``tasks`` passed through) and collect them."""

@@ -28,7 +28,16 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from icl_circuits.analyze.base import AnalysisMixin, change, check_positive, fmt, head_name, pick_tasks
+from icl_circuits.analyze.base import (
+    AnalysisMixin,
+    TaskArg,
+    change,
+    check_positive,
+    fmt,
+    head_name,
+    pick_tasks,
+    task_label,
+)
 from icl_circuits.errors import PromptTooLongError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.predictions import measure_predictions
@@ -39,7 +48,7 @@ from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import build_prompts, check_task
 from icl_circuits.tasks.registry import get_task
 from icl_circuits.tasks.roles import render_examples
-from icl_circuits.tasks.scoring import answer_logits, scores_from_logits
+from icl_circuits.tasks.scoring import answer_logits, at_chance, scores_from_logits
 
 FIXTURE_TASKS = ("fixture-bound", "fixture-rule")
 REPEATS = (1, 2, 3)
@@ -82,7 +91,7 @@ class Repetition(AnalysisMixin):
 
         pred = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "logit difference"))
         mag = go.Figure()
-        colour = series_colors(self.tasks)
+        colour = series_colors(sorted(self.tasks))  # by name: the same task, the same colour on every page
         for task in self.tasks:
             rows = [r for r in self.rows if r["task"] == task]
             x = [r["repeat"] for r in rows]
@@ -106,9 +115,23 @@ class Repetition(AnalysisMixin):
                           xaxis_title="r", yaxis_title="ratio to r = 1")  # fmt: skip
         return [pred, mag]
 
+    def at_chance(self, task: str) -> bool:
+        """Is ``task``'s accuracy at chance (:func:`at_chance`) at every ``r``? Rows without ``chance``: ``False``."""
+        rows = [r for r in self.rows if r["task"] == task]
+        return bool(rows) and all("chance" in r and at_chance(r["accuracy"], r["chance"], self.n) for r in rows)
+
     def _reading(self, task: str) -> str:
         rows = [r for r in self.rows if r["task"] == task]
         a, b = rows[0], rows[-1]
+        if self.at_chance(task):
+            text = (f"{task}, {self.shots} demos written r = {a['repeat']}..{b['repeat']} times: accuracy "
+                    f"{fmt(a['accuracy'])} to {fmt(b['accuracy'])}, at chance ({fmt(a['chance'])}, within 2 standard "
+                    f"errors at n = {self.n}) at every r: the demos drive no prediction, so the effect of repeating "
+                    "them on the prediction is not read.")  # fmt: skip
+            if b.get("fw_norm_ratio") is not None:
+                text += (f" Measured all the same: |dW_lin| x{fmt(b['fw_norm_ratio'])}, |c_D| "
+                         f"x{fmt(b['demo_norm_ratio'])} at r = {b['repeat']}.")
+            return text
         text = (f"{task}, {self.shots} demos written r = {a['repeat']}..{b['repeat']} times: accuracy "
                 f"{change(a['accuracy'], b['accuracy'])}, logit difference {change(a['logit_diff'], b['logit_diff'])}, "
                 f"answer probability {change(a['prob'], b['prob'])}; {fmt(b['unchanged'])} of the predictions are the "
@@ -136,7 +159,8 @@ class Repetition(AnalysisMixin):
         return {"task": task, "max_repeat": rows[-1]["repeat"], "accuracy_r1": rows[0]["accuracy"],
                 "accuracy_max_r": rows[-1]["accuracy"], "unchanged_max_r": rows[-1]["unchanged"],
                 "fw_norm_ratio_max_r": rows[-1].get("fw_norm_ratio"),
-                "demo_norm_ratio_max_r": rows[-1].get("demo_norm_ratio"), "reading": self._reading(task)}  # fmt: skip
+                "demo_norm_ratio_max_r": rows[-1].get("demo_norm_ratio"), "at_chance": self.at_chance(task),
+                "reading": self._reading(task)}  # fmt: skip
 
 
 def top_demo_heads(model: Any, task: Any, shots: int, n: int, seed: int, n_heads: int) -> list[tuple[int, int]]:
@@ -156,7 +180,7 @@ def run_repetition(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: int | None = None,
     repeats: Sequence[int] = REPEATS,
     n_heads: int = 4,
@@ -180,8 +204,9 @@ def run_repetition(
     rows: list[dict[str, Any]] = []
     heads: dict[str, tuple[tuple[int, int], ...]] = {}
     skipped: list[str] = []
-    for name in tqdm(names, desc="repetition", disable=not progress):
-        checked = check_task(model, get_task(name, model))
+    for given in tqdm(names, desc="repetition", disable=not progress):
+        name = task_label(given)
+        checked = check_task(model, get_task(given, model))
         task_rows, first = [], None
         for r in rs:
             try:
@@ -192,7 +217,8 @@ def run_repetition(
             final = answer_logits(model, ps.tokens, batch_size=batch_size)
             s = scores_from_logits(final, ps.answer_ids, ps.contrast_ids)
             first = final.argmax(-1) if first is None else first
-            task_rows.append({"task": name, "repeat": r, "shots": k, "n": n, "accuracy": s.accuracy,
+            task_rows.append({"task": name, "repeat": r, "shots": k, "n": n, "chance": 1.0 / len(checked.task.labels),
+                              "accuracy": s.accuracy,
                               "logit_diff": float(s.logit_diff.mean()), "prob": float(s.prob.mean()),
                               "unchanged": float((final.argmax(-1) == first).float().mean())})  # fmt: skip
         if not task_rows:

@@ -37,16 +37,19 @@ from tqdm.auto import tqdm
 
 from icl_circuits.analyze.base import (
     AnalysisMixin,
+    TaskArg,
     change,
     check_positive,
     finite,
     fmt,
     pick_tasks,
+    task_label,
     uses_corpus_vocab,
 )
 from icl_circuits.errors import InputError, PromptTooLongError
 from icl_circuits.models import model_info
 from icl_circuits.report import Section, figure_html, table_html
+from icl_circuits.results import series_colors
 from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import CheckedTask, build_prompts, check_task, render_prompt
 from icl_circuits.tasks.registry import FewShot, get_task
@@ -122,12 +125,18 @@ class ShotsAndNoise(AnalysisMixin):
             figs.append(fig)
         fig = make_subplots(rows=1, cols=2, subplot_titles=("beta: update along the clean update",
                                                             "accuracy"))  # fmt: skip
+        colour = series_colors(sorted(tasks))  # one colour per task in both panels, one legend entry per task
         for task in tasks:
             rows = [r for r in self.shrink if r["task"] == task]
             x = [r["flipped"] for r in rows]
-            fig.add_trace(go.Scatter(x=x, y=[r["beta"] for r in rows], mode="lines+markers", name=f"{task} beta"), 1, 1)
-            fig.add_trace(go.Scatter(x=x, y=[r["label_accuracy"] for r in rows], mode="lines+markers",
-                                     name=f"{task} accuracy (argmax over labels)"), 1, 2)  # fmt: skip
+            name = f"{task} (at chance: beta not read)" if self.at_chance(task) else task
+            line = {"color": colour[task]}
+            fig.add_trace(go.Scatter(x=x, y=[r["beta"] for r in rows], mode="lines+markers", name=name,
+                                     legendgroup=task, line=line), 1, 1)  # fmt: skip
+            fig.add_trace(go.Scatter(x=x, y=[r["label_accuracy"] for r in rows], mode="lines+markers", name=name,
+                                     legendgroup=task, showlegend=False, line=line), 1, 2)  # fmt: skip
+        fig.update_yaxes(title_text="beta", row=1, col=1)
+        fig.update_yaxes(title_text="accuracy (argmax over the labels)", row=1, col=2)
         fig.add_hline(y=0.0, line_dash="dot", row=1, col=1)
         fig.update_xaxes(title_text="fraction of demo labels flipped")
         fig.update_layout(title=f"Shrink toward the zero-shot prediction at {self.noise_shots} shots")
@@ -244,7 +253,7 @@ def run_shots_and_noise(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: Sequence[int] | None = None,
     noise: Sequence[float] = NOISE,
     noise_shots: int = 8,
@@ -272,8 +281,9 @@ def run_shots_and_noise(
     shrink: list[dict[str, Any]] = []
     chance: dict[str, float] = {}
     skipped: list[str] = []
-    for name in tqdm(names, desc="shots-and-noise", disable=not progress):
-        checked = check_task(model, get_task(name, model))
+    for given in tqdm(names, desc="shots-and-noise", disable=not progress):
+        name = task_label(given)
+        checked = check_task(model, get_task(given, model))
         chance[name] = 1.0 / len(checked.task.labels)
         for k in shots:
             if k > checked.task.max_shots:
@@ -289,8 +299,9 @@ def run_shots_and_noise(
                 grid.append({"task": name, "shots": k, "noise": p, "flipped": round(p * k) / k if k else 0.0,
                              "n": n, "accuracy": r["accuracy"], "logit_diff": finite(r["logit_diff"]),
                              "prob": r["prob"], "mean_rank": r["mean_rank"]})  # fmt: skip
-    for name in names:
-        checked = check_task(model, get_task(name, model))
+    for given in names:
+        name = task_label(given)
+        checked = check_task(model, get_task(given, model))
         k = min(noise_shots, checked.task.max_shots)
         try:
             shrink += _shrink_rows(model, checked, name, k, n, seed + k, rates, batch_size)

@@ -36,14 +36,16 @@ from tqdm.auto import tqdm
 
 from icl_circuits.analyze.base import (
     AnalysisMixin,
+    TaskArg,
     change,
     check_positive,
     fmt,
     head_name,
     pick_tasks,
+    task_label,
     uses_corpus_vocab,
 )
-from icl_circuits.errors import InputError, PromptTooLongError
+from icl_circuits.errors import PromptTooLongError
 from icl_circuits.models import model_info
 from icl_circuits.patching.ablation import LogitDiff, mean_ablation_sweep
 from icl_circuits.patching.atp import pearson
@@ -51,16 +53,30 @@ from icl_circuits.report import Section, figure_html, table_html
 from icl_circuits.tasks import corpus
 from icl_circuits.tasks.defaults import run_default
 from icl_circuits.tasks.prompts import build_prompts, check_task
-from icl_circuits.tasks.registry import SUBSTITUTED_SUFFIX, UNSEEN_TASKS, corpus_config_for, get_task
-from icl_circuits.tasks.scoring import evaluate, padded_batch
+from icl_circuits.tasks.registry import (
+    SUBSTITUTED_SUFFIX,
+    UNSEEN_TASKS,
+    ArbitraryMapTask,
+    FixtureTask,
+    SubstitutedTask,
+    corpus_config_for,
+    get_task,
+)
+from icl_circuits.tasks.scoring import at_chance, evaluate, padded_batch
 
 FIXTURE_SHOTS = (0, 1, 2, 4, 8)
 GROUPS = ("seen", "unseen")
 
 
-def classify(name: str, cfg: corpus.CorpusConfig) -> str:
+def classify(task: TaskArg, cfg: corpus.CorpusConfig) -> str:
     """``"unseen"`` for substituted tasks, ``fixture-bound-unseen``, the arbitrary-map tasks
-    (:data:`~icl_circuits.tasks.registry.UNSEEN_TASKS`) and shifts outside ``cfg.train_shifts``."""
+    (:data:`~icl_circuits.tasks.registry.UNSEEN_TASKS`, or any ``ArbitraryMapTask``) and shifts outside
+    ``cfg.train_shifts``; a ``Task`` is classified by its type and shift, then by its name."""
+    if isinstance(task, SubstitutedTask | ArbitraryMapTask):
+        return "unseen"
+    if isinstance(task, FixtureTask) and task.family == "rule" and task.shift is not None:
+        return "seen" if task.shift in cfg.train_shifts else "unseen"
+    name = task_label(task)
     if name.endswith(SUBSTITUTED_SUFFIX) or name == "fixture-bound-unseen" or name in UNSEEN_TASKS:
         return "unseen"
     if name.startswith("fixture-rule-shift") and name[len("fixture-rule-shift") :].isdigit():
@@ -68,7 +84,7 @@ def classify(name: str, cfg: corpus.CorpusConfig) -> str:
     return "seen"
 
 
-def default_tasks(model: Any) -> list[str]:
+def default_tasks(model: Any) -> list[TaskArg]:
     """Trained and held-out shifts (fixture vocabulary), else two task files and the arbitrary-map tasks."""
     if uses_corpus_vocab(model):
         cfg = corpus_config_for(model)
@@ -150,6 +166,14 @@ class UnseenTask(AnalysisMixin):
                                   "difference")  # fmt: skip
         return [acc, heads]
 
+    def group_at_chance(self, group: str) -> bool:
+        """Is every task of ``group`` at chance (:func:`at_chance`) at its most shots?"""
+        last: dict[str, dict[str, Any]] = {}
+        for r in self.rows:
+            if r["group"] == group and r["shots"] >= last.get(r["task"], {"shots": -1})["shots"]:
+                last[r["task"]] = r
+        return bool(last) and all(at_chance(r["accuracy"], r["chance"], int(r["n"])) for r in last.values())
+
     def reading(self) -> str:
         parts = []
         for g in GROUPS:
@@ -160,12 +184,15 @@ class UnseenTask(AnalysisMixin):
                 parts.append(f"{g} tasks ({', '.join(tasks)}): mean accuracy {change(curve[ks[0]], curve[ks[-1]])} "
                              f"from {ks[0]} to {ks[-1]} shots")  # fmt: skip
         text = "; ".join(parts) + "."
-        if "unseen" in self.head_effects:
+        if "unseen" in self.head_effects and self.group_at_chance("unseen"):
+            text += (" The unseen tasks stay at chance at their most shots: the model does not learn them in "
+                     "context, so no head is read as responsible for them.")
+        elif "unseen" in self.head_effects:
             top = ", ".join(f"{head_name(h)} ({e:+.2f})" for h, e in self.top_heads("unseen"))
             text += (f" Heads whose ablation lowers the unseen tasks' logit difference most at {self.head_shots} "
                      f"shots: {top}.")
         corr = self.head_correlation()
-        if corr is not None:
+        if corr is not None and not self.group_at_chance("unseen") and not self.group_at_chance("seen"):
             top_seen = ", ".join(head_name(h) for h, _ in self.top_heads("seen"))
             text += (f" For seen tasks: {top_seen}; the per-head effects of the two groups correlate at r = "
                      f"{fmt(corr)} over heads.")  # fmt: skip
@@ -183,13 +210,15 @@ class UnseenTask(AnalysisMixin):
 
     def findings(self) -> dict[str, Any]:
         seen, unseen = self.group_curve("seen"), self.group_curve("unseen")
-        top = self.top_heads("unseen", 1) if "unseen" in self.head_effects else []
+        chance = self.group_at_chance("unseen")
+        top = self.top_heads("unseen", 1) if "unseen" in self.head_effects and not chance else []
         return {
             "seen_accuracy_max_shots": list(seen.values())[-1] if seen else None,
             "unseen_accuracy_0_shots": list(unseen.values())[0] if unseen else None,
             "unseen_accuracy_max_shots": list(unseen.values())[-1] if unseen else None,
             "max_shots": max((r["shots"] for r in self.rows), default=None),
             "top_unseen_head": head_name(top[0][0]) if top else None,
+            "unseen_at_chance": chance,
             "head_effect_correlation": self.head_correlation(),
             "reading": self.reading(),
         }
@@ -200,7 +229,7 @@ def run_unseen_task(
     *,
     seed: int = 0,
     n: int | None = None,
-    tasks: Sequence[str] | None = None,
+    tasks: Sequence[TaskArg] | None = None,
     shots: Sequence[int] | None = None,
     head_shots: int = 8,
     batch_size: int = 64,
@@ -211,23 +240,22 @@ def run_unseen_task(
     Defaults: ``n = 48`` prompts per (task, shots); shots ``0, 1, 2, 4, 8`` (cut at the context).
 
     Raises:
-        InputError: bad sizes or an empty task list; TaskError: unknown task.
+        InputError: bad sizes; TaskError: an empty task list, two tasks with one name, or an unknown task.
     """
     n = run_default(model, "unseen-task", "n", n)
     check_positive(n=n, head_shots=head_shots)
-    names = list(tasks) if tasks is not None else default_tasks(model)
-    if not names:
-        raise InputError("tasks must name at least one task (see `icl-circuits tasks`)")
+    names: list[TaskArg] = list(default_tasks(model)) if tasks is None else pick_tasks(model, tasks, ())
     cfg = corpus_config_for(model)
-    if all(classify(name, cfg) == "seen" for name in names):
-        names += [name + SUBSTITUTED_SUFFIX for name in names]  # no unseen task given: add the substituted variants
-    groups = {name: classify(name, cfg) for name in names}
+    if all(classify(t, cfg) == "seen" for t in names):  # no unseen task given: add the substituted variants
+        names += [t + SUBSTITUTED_SUFFIX if isinstance(t, str) else SubstitutedTask(t) for t in names]
+    groups = {task_label(t): classify(t, cfg) for t in names}
     shots = FIXTURE_SHOTS if shots is None else shots
     rows: list[dict[str, Any]] = []
     sums: dict[str, list[torch.Tensor]] = {}
     used: list[int] = []  # the shots of each task's ablation sweep (head_shots, or fewer where the task allows fewer)
-    for name in tqdm(names, desc="unseen-task", disable=not progress):
-        checked = check_task(model, get_task(name, model))
+    for given in tqdm(names, desc="unseen-task", disable=not progress):
+        name = task_label(given)
+        checked = check_task(model, get_task(given, model))
         for k in [k for k in shots if k <= checked.task.max_shots]:
             try:
                 ev = evaluate(model, checked.task, [k], n=n, seed=seed, batch_size=batch_size)

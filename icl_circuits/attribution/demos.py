@@ -65,13 +65,13 @@ class DemoAttribution(Result):
         """``[head, demo]``: the summed contribution of each demo's tokens, mean over the batch."""
         vals, demo = self._values(kind), self.roles.demo_index
         n = self.roles.n_demos
-        onehot = (demo[..., None] == torch.arange(n)).to(vals.dtype)  # [batch, pos, demo]
+        onehot = (demo[..., None] == torch.arange(n)).to(vals)  # [batch, pos, demo], on vals' device
         return torch.einsum("hbp,bpd->hd", vals, onehot) / vals.shape[1]
 
     def by_role(self, kind: str = "dla") -> torch.Tensor:
         """``[head, role]`` over :data:`~icl_circuits.tasks.roles.ROLE_NAMES`, mean over the batch."""
         vals, roles = self._values(kind), self.roles.roles
-        onehot = (roles[..., None] == torch.arange(len(ROLE_NAMES))).to(vals.dtype)
+        onehot = (roles[..., None] == torch.arange(len(ROLE_NAMES))).to(vals)
         return torch.einsum("hbp,bpr->hr", vals, onehot) / vals.shape[1]
 
     def to_dataframe(self, kind: str = "dla") -> Any:
@@ -154,7 +154,7 @@ def demo_attribution(
     scale = cache["ln_final.hook_scale"][rows, last]  # [batch, 1]
     direction, _ = answer_direction(model, answer_tokens, contrast_tokens)  # [batch, d_model]
     centre = str(getattr(model.cfg, "normalization_type", "LN")).startswith("LN")
-    valid = (roles.roles >= 0) & (torch.arange(tokens.shape[1]) <= last[:, None])  # [batch, pos]
+    valid = ((roles.roles >= 0) & (torch.arange(tokens.shape[1]) <= last[:, None])).to(scale.device)  # [batch, pos]
     dla, norm = [], []
     for l, h in heads:
         pattern = cache[f"blocks.{l}.attn.hook_pattern"][rows, h, last]  # [batch, pos]

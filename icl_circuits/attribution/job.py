@@ -5,7 +5,9 @@ and measures, on the same batch:
 
 * head outputs by exact activation patching (:mod:`icl_circuits.patching.exact`), AtP and AtP*
   (:mod:`icl_circuits.patching.atp`), with their Pearson/Spearman agreement when both are computed;
-* the residual stream by layer x position (exact patching), so the positions that carry the task show;
+* the residual stream by layer x role slot (exact patching; demo i's input / arrow / label / separator, the
+  query: each piece's tokens together, so prompts of different token layouts align), so the pieces that
+  carry the task show;
 * per-demo attribution of the top heads (:mod:`icl_circuits.attribution.demos`);
 * path patching into the top induction head's query/key/value (:mod:`icl_circuits.patching.paths`);
 * the head scan's induction heads (attention metrics on repeated random tokens) and, on request,
@@ -35,7 +37,7 @@ from icl_circuits.patching.exact import Direction, PatchEffects, activation_patc
 from icl_circuits.results import Result, renamed_kwargs
 from icl_circuits.tasks.pairs import PatchingBatch, patching_batch
 from icl_circuits.tasks.registry import Task, get_task
-from icl_circuits.tasks.roles import ROLE_NAMES, PromptRoles
+from icl_circuits.tasks.roles import PromptRoles, role_slots
 
 METHODS = ("patching", "atp", "atp*")
 METHOD_CHOICES = (*METHODS, "all")
@@ -67,7 +69,7 @@ class Attribution(Result):
     token_strs: tuple[str, ...]  # the first clean prompt's tokens
     heads: dict[str, PatchEffects]  # method -> head-output effects [layer, head]
     correlations: dict[str, dict[str, float]]  # estimator -> {"pearson", "spearman"} against exact patching
-    positions: PatchEffects | None  # resid_pre, [layer, pos]
+    positions: PatchEffects | None  # resid_pre, [layer, role slot] (tasks.roles.RoleSlots)
     demos: DemoAttribution | None
     induction_scores: torch.Tensor | None  # [layer, head] from the head scan
     induction_heads: tuple[tuple[int, int], ...]
@@ -175,13 +177,10 @@ class Attribution(Result):
         if len(self.heads) > 1:
             doc["methods"] = {name: self._head_rows(eff) for name, eff in self.heads.items()}
             doc["correlations"] = self.correlations
-        if self.positions is not None:
+        if self.positions is not None:  # by role slot: the slot's positions in every prompt patched together
             df = self.positions.to_dataframe(seed=self.seed)
-            role = self.roles.roles[0].tolist() if self.roles is not None else [-1] * len(self.token_strs)
             doc["positions"] = [
-                {"layer": int(r.layer), "pos": int(r.pos), "token": self.token_strs[int(r.pos)],
-                 "role": ROLE_NAMES[role[int(r.pos)]] if role[int(r.pos)] >= 0 else "unknown",
-                 "demo": int(self.roles.demo_index[0, int(r.pos)]) if self.roles is not None else -1,
+                {"layer": int(r.layer), "role_slot": int(r.role), "slot": str(r.slot),
                  "effect": float(r.effect), "ci_low": float(r.ci_low), "ci_high": float(r.ci_high)}
                 for r in df.itertuples()
             ]  # fmt: skip
@@ -216,6 +215,7 @@ def attribute(
     n: int = 32,
     method: str = "all",
     corruption: str = "shuffled_labels",
+    other_task: str | Task | None = None,
     direction: Direction = "denoising",
     seed: int = 0,
     positions: bool = True,
@@ -230,7 +230,10 @@ def attribute(
     Args:
         method: ``patching`` (exact), ``atp``, ``atp*`` or ``all`` (the three, plus their correlations).
         corruption: how the demos are corrupted (:data:`icl_circuits.tasks.pairs.CORRUPTIONS`).
-        positions: also patch the residual stream per layer and position (exact; ``L * pos`` patches).
+        positions: also patch the residual stream per layer and role slot (exact; ``L * slots`` patches; each
+            slot's tokens together, so prompts whose pieces differ in token length align).
+        other_task: the task whose labels replace the demo labels for ``corruption="other_task_labels"``
+            (a name or a Task; default: fixture tasks' recorded permutation, required for other tasks).
         top_k: heads decomposed by demo and shown in attention views.
         paths: path-patch every earlier head into the top induction head's (else top head's) q, k and v.
         function_vectors: also rank heads by their function-vector indirect effect on this task.
@@ -247,7 +250,8 @@ def attribute(
         raise InputError(f"need n >= 2 prompt pairs (bootstrap intervals), got {n}")
     wanted = METHODS if method == "all" else (method,)
     task = get_task(task, model)
-    batch = patching_batch(model, task, shots, n, seed, corruption=corruption)
+    other = None if other_task is None else get_task(other_task, model)
+    batch = patching_batch(model, task, shots, n, seed, corruption=corruption, other_task=other)
     args = (model, batch.clean_tokens, batch.corrupted_tokens, batch.answer_tokens, batch.contrast_tokens)
     kw: dict[str, Any] = {"direction": direction, "answer_positions": batch.last_positions}
     exact = activation_patch(*args, "z", progress=progress, **kw) if "patching" in wanted else None
@@ -267,11 +271,15 @@ def attribute(
         notes.append(f"per-demo attribution skipped: {why}")
     pos = None
     if positions and exact is not None:
-        aligned = _aligned_by_role(roles, batch)
-        if aligned:
-            notes.append(f"residual stream by position skipped: {aligned}")
-        else:
-            pos = activation_patch(*args, "resid_pre", per_position=True, progress=progress, **kw)
+        if roles is None:
+            notes.append("residual stream by role skipped: no token roles to align positions across prompts")
+        else:  # by role: with a real tokenizer inputs and labels differ in token length from prompt to prompt
+            try:
+                slots = role_slots(roles)
+            except InputError as e:  # e.g. a label holding the separator token: demo counts differ
+                notes.append(f"residual stream by role skipped: {e}")
+            else:
+                pos = activation_patch(*args, "resid_pre", per_position=True, progress=progress, roles=slots, **kw)
     primary_eff = exact if exact is not None else (atp.estimate("atp") if atp is not None else None)
     if primary_eff is not None:
         ld_gap = float((primary_eff.clean_logit_diff - primary_eff.corrupted_logit_diff).mean())
@@ -281,6 +289,8 @@ def attribute(
                          "normalised effects divide by it and are unreliable")  # fmt: skip
     if atp is not None:
         notes.extend(f"AtP: {n}" for n in atp.notes)
+    if exact is not None:
+        notes.extend(f"exact patching: {n}" for n in exact.notes)
     scan = scan_heads(model, ablation=False, progress=False, seed=seed)
     att = Attribution(
         model=model_info(model).spec, task=batch.task, n_shots=shots, corruption=corruption, direction=direction,
@@ -311,28 +321,6 @@ def attribute(
     return replace(att, **extra)
 
 
-def _aligned_by_role(roles: PromptRoles | None, batch: PatchingBatch) -> str:
-    """``""`` when position ``p`` has the same role and demo in every prompt (so averaging over prompts at ``p``
-    means one thing and one label fits all), else why not: with real tokenizers inputs and labels differ in
-    token length, and index ``p`` falls on different roles in different prompts."""
-    if roles is None:
-        return "no token roles to check that positions align across prompts"
-    same = bool((roles.roles == roles.roles[:1]).all() and (roles.demo_index == roles.demo_index[:1]).all())
-    if not same or bool((batch.last_positions != batch.last_positions[0]).any()):
-        return "the prompts differ in token length or role layout, so one position index means different roles"
-    return ""
-
-
-def position_labels(roles: PromptRoles, token_strs: tuple[str, ...]) -> list[str]:
-    """Axis labels of per-position results by role (``d2 demo_label``, ``query_arrow``) and first-prompt token."""
-    out = []
-    for p, tok in enumerate(token_strs):
-        r, d = int(roles.roles[0, p]), int(roles.demo_index[0, p])
-        name = ROLE_NAMES[r] if r >= 0 else "pad"
-        out.append(f"{p}:{'d' + str(d) + ' ' if d >= 0 else ''}{name} {tok}")
-    return out
-
-
 def _template(model: Any, task: Task) -> Any:
     from icl_circuits.tasks.prompts import check_task
 
@@ -340,8 +328,9 @@ def _template(model: Any, task: Task) -> Any:
 
 
 def _roles(model: Any, batch: PatchingBatch, template: Any) -> tuple[PromptRoles | None, str]:
-    """Token roles of the clean prompts and ``""``, or ``(None, why)`` when the template's arrow or separator
-    is not one token in running text (then no per-demo grouping)."""
+    """Token roles of the clean prompts and ``""``, or ``(None, why)`` when the template's arrow and separator
+    (one token or several, as in running text) cannot be found in every prompt (then no per-demo grouping and
+    no residual stream by role)."""
     from icl_circuits.errors import TokenizationError
     from icl_circuits.models import bos_offset
     from icl_circuits.tasks.prompts import continuation_ids, encode
@@ -351,9 +340,9 @@ def _roles(model: Any, batch: PatchingBatch, template: Any) -> tuple[PromptRoles
         arrow = continuation_ids(model, "x", template.io_sep.rstrip())
         sep = continuation_ids(model, "x", template.demo_sep)
         prefix_len = len(encode(model, template.prefix)) if template.prefix else bos_offset(model)
-        if len(arrow) != 1 or len(sep) != 1:
-            return None, f"the arrow ({len(arrow)} tokens) or the separator ({len(sep)} tokens) is not one token"
-        return roles_from_tokens(batch.clean_tokens, arrow_id=arrow[0], sep_id=sep[0],
+        if not arrow or not sep:
+            return None, f"the arrow ({len(arrow)} tokens) or the separator ({len(sep)} tokens) has no token"
+        return roles_from_tokens(batch.clean_tokens, arrow_id=arrow, sep_id=sep,
                                  last_positions=batch.last_positions, prefix_len=prefix_len), ""  # fmt: skip
     except TokenizationError as e:
         return None, f"token roles could not be assigned ({e})"
@@ -387,14 +376,11 @@ def attribution_sections(att: Attribution, model: Any) -> list[Any]:
     sections.append(Section("Heads: layer x head", figs + corr, note))
     sections.append(Section("Heads ranked", table_html(att.to_dataframe(), max_rows=20)))
     if att.positions is not None:
-        fig = att.positions.plot()
-        labels = (position_labels(att.roles, att.token_strs) if att.roles is not None
-                  else [f"{i}:{t}" for i, t in enumerate(att.token_strs)])  # fmt: skip
-        fig.update_traces(x=labels)  # a category axis: one labelled column per position
-        sections.append(Section("Residual stream: layer x position", figure_html(fig),
-                                "Denoising one position of the residual stream entering a layer: where the "
-                                "task information sits, layer by layer (every prompt has the same role at each "
-                                "position: checked)."))
+        sections.append(Section("Residual stream: layer x role", figure_html(att.positions.plot()),
+                                "Denoising one piece of every prompt (demo i's input, arrow, label or separator, "
+                                "the query) in the residual stream entering a layer: all of that piece's tokens "
+                                "at once, whatever their number in each prompt. Where the task information sits, "
+                                "layer by layer."))
     if att.demos is not None:
         sections.append(Section("Per-demo attribution of the top heads", figure_html(att.demos.plot())
                                 + figure_html(att.demos.plot("norm")),

@@ -264,7 +264,8 @@ def check_dot_product_scores(layer: int, ours: torch.Tensor, scores: torch.Tenso
     if gap > 1e-3 * (1.0 + float(scores[seen].abs().amax() if bool(seen.any()) else 0.0)):
         raise ICLCircuitsError(
             f"layer {layer}: the model's attention scores differ from q.k/{scale:.3g} by {gap:.3g}; the dual "
-            "form needs plain dot-product scores (no ALiBi, attention soft-capping or per-layer scaling)"
+            "form needs plain dot-product scores (no ALiBi, attention soft-capping or per-layer scaling); head scans, "
+            "exact patching, AtP on z and attribution do not need it and work on such models (README, Architectures)"
         )
 
 

@@ -11,7 +11,7 @@ JSON: ``{"model", "task", "shots", "heads": [{"layer", "head", "effective_rank",
 "reconstruction_cosine", "demo_share", ...}], "transplant": {"zero_shot_acc", "with_vector_acc",
 "random_control_acc", "shuffled_control_acc", ..., "fast_weight": {"with_fast_weight_acc",
 "random_control_acc", "shuffled_control_acc", "softmax_memory_acc", "acc_by_rank", "acc_by_layer"}} | null,
-"transplant_skipped": reason | null,
+"transplant_skipped": reason | null, "few_shot": {"accuracy", "chance", "n"}, "few_shot_at_chance",
 "top_heads", "predictions", "sum_check_max_abs_error", "provenance"}``.
 
 Cost: one forward for the decomposition, the transplant test's and the predictions' forwards
@@ -22,24 +22,27 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from icl_circuits.errors import TaskError
+from icl_circuits.errors import InputError, TaskError
 from icl_circuits.fast_weights import decompose as fw
 from icl_circuits.fast_weights.predictions import Predictions, measure_predictions
 from icl_circuits.fast_weights.transplant import TransplantResult, transplant_test
 from icl_circuits.results import Result, renamed_kwargs
 from icl_circuits.tasks.registry import Task
 from icl_circuits.tasks.roles import render_examples
+from icl_circuits.tasks.scoring import at_chance
 
 
 @dataclass(frozen=True)
 class FastWeightsRun(Result):
-    """Everything one ``fast-weights`` run measured."""
+    """Everything one ``fast-weights`` run measured. ``few_shot``: the model's own accuracy on the task with
+    ``shots`` demos (``{"accuracy", "chance", "n"}``, :func:`~icl_circuits.tasks.scoring.evaluate`), which
+    decides what the reading may say (:meth:`findings`)."""
 
     fast_weights: fw.FastWeights
     top_heads: tuple[tuple[int, int], ...]
@@ -47,6 +50,7 @@ class FastWeightsRun(Result):
     transplant_skipped: str | None
     predictions: Predictions | None
     settings: dict[str, Any]
+    few_shot: dict[str, Any] = field(default_factory=dict)
 
     title = "Fast weights"
 
@@ -60,7 +64,8 @@ class FastWeightsRun(Result):
             "transplant": None if self.transplant is None else self.transplant.to_dict(),
             "transplant_skipped": self.transplant_skipped,
             "predictions": None if self.predictions is None else self.predictions.to_dict(),
-            "settings": dict(self.settings),
+            "settings": dict(self.settings), "few_shot": dict(self.few_shot),
+            "few_shot_at_chance": self.few_shot_at_chance,
         }  # fmt: skip
 
     def to_dataframe(self) -> Any:  # pandas.DataFrame
@@ -74,6 +79,66 @@ class FastWeightsRun(Result):
 
     def _repr_html_(self) -> str:
         return self.fast_weights._repr_html_()
+
+    @property
+    def few_shot_at_chance(self) -> bool | None:
+        """Is the model's few-shot accuracy no better than chance (:func:`at_chance`)? ``None``: not measured."""
+        f = self.few_shot
+        return None if not f else at_chance(f["accuracy"], f["chance"], int(f["n"]))
+
+    def _transplant_reading(self) -> str:
+        """What the transplant supports, computed: each insertion's accuracy against chance, then against the
+        best of zero-shot and its controls (2 binomial standard errors, :func:`at_chance`)."""
+        t, f = self.transplant, self.few_shot
+        if t is None or not f:
+            return ""
+        chance, n = float(f["chance"]), t.n_test
+        vec, fwt = not at_chance(t.with_vector_acc, chance, n), not at_chance(t.fast_weight_acc, chance, n)
+        if not vec and not fwt:
+            return (f"On the {n} held-out zero-shot queries neither the task vector ({t.with_vector_acc:.2f}) nor "
+                    f"the linear fast weight ({t.fast_weight_acc:.2f}) lifts accuracy above chance ({chance:.2f}, "
+                    f"2 standard errors at n = {n}): the transplant carries no task here.")  # fmt: skip
+        parts = []
+        for name, acc, controls in (
+            ("the task vector", t.with_vector_acc, (t.random_control_acc, t.shuffled_control_acc)),
+            ("the linear fast weight", t.fast_weight_acc, (t.fast_weight_random_acc, t.fast_weight_shuffled_acc)),
+        ):
+            base = max(t.zero_shot_acc, *controls)  # what it must beat: no insertion, and its controls
+            if at_chance(acc, chance, n):
+                parts.append(f"{name} leaves it at chance ({acc:.2f})")
+            elif at_chance(acc, base, n):
+                parts.append(f"{name} gives {acc:.2f}, no better than zero-shot or its controls (best {base:.2f})")
+            else:
+                parts.append(f"{name} gives {acc:.2f}, above zero-shot and its controls (best {base:.2f})")
+        return (f"Held-out zero-shot accuracy {t.zero_shot_acc:.2f} (chance {chance:.2f}, n = {n}); "
+                + "; ".join(parts) + ".")
+
+    def findings(self) -> dict[str, Any]:
+        """Headline numbers and a reading that states only what they support: at chance few-shot accuracy it
+        says so and reads neither the transplant nor the noise shrinkage (beta)."""
+        f, t, fwr = self.few_shot, self.transplant, self.fast_weights
+        top = fwr.best(1)[0] if fwr.rows else None
+        out: dict[str, Any] = {
+            "task": fwr.task, "shots": fwr.shots, "few_shot_accuracy": f.get("accuracy"), "chance": f.get("chance"),
+            "at_chance": self.few_shot_at_chance, "top_head": None if top is None else f"L{top[0]}H{top[1]}",
+            "with_vector_acc": None if t is None else t.with_vector_acc,
+            "with_fast_weight_acc": None if t is None else t.fast_weight_acc,
+        }  # fmt: skip
+        if not f:
+            reading = f"{fwr.task}, {fwr.shots} shots: the few-shot accuracy was not measured, so nothing is read."
+        elif self.few_shot_at_chance:
+            reading = (f"{fwr.task}, {fwr.shots} shots: the model's accuracy, {f['accuracy']:.2f}, is at chance "
+                       f"({f['chance']:.2f}, within 2 standard errors at n = {f['n']}): it does not do the task in "
+                       "context, so the heads' fast weights carry no task to read; the transplant and the noise "
+                       "shrinkage (beta) are not interpreted.")  # fmt: skip
+        else:
+            reading = f"{fwr.task}, {fwr.shots} shots: the model's accuracy is {f['accuracy']:.2f} (chance " \
+                      f"{f['chance']:.2f}, n = {f['n']})."
+            if top is not None:
+                reading += f" Top head by the demo part's answer logit: L{top[0]}H{top[1]}."
+            reading += (" " + self._transplant_reading()) if t is not None else ""
+        out["reading"] = reading
+        return out
 
     @property
     def skipped(self) -> list[str]:
@@ -92,7 +157,8 @@ class FastWeightsRun(Result):
         top = df.iloc[0].to_dict()
         spec, roles, demos = f.figures()
         out = [
-            Section("Heads: the demos' share, fast-weight rank and reconstruction", table_html(df[cols]),
+            Section("Heads: the demos' share, fast-weight rank and reconstruction", table_html(df[cols]), [
+                    self.findings()["reading"],
                     f"{f.n_prompts} prompts of {f.task} with {f.shots} shots. The split of each head's output into "
                     f"roles adds up to TransformerLens's hook_z @ W_O to {f.max_sum_error:.1e}. Top head by the demo "
                     f"part's answer logit: L{top['layer']}H{top['head']} (demo share {top['demo_share']:.2f}, "
@@ -105,7 +171,7 @@ class FastWeightsRun(Result):
                     "singular values; rank90: singular values holding 90% of the energy. fast_weights.json also "
                     "holds the explained variance, 1 - |error|^2 / |demo part - its mean|^2, not shown: it falls far "
                     "below 0 where the demo part barely varies across prompts, and the cosine is the readable "
-                    "measure of the same fit."),
+                    "measure of the same fit."]),
             Section("Singular spectra of dW_lin", figure_html(spec),
                     f"Participation ratio of the top head: {top['effective_rank']:.2f}; rank holding 90% of the "
                     f"energy: {top['rank90']:.1f}."),
@@ -121,8 +187,10 @@ class FastWeightsRun(Result):
                 f"{'; '.join(', '.join(f'L{l}H{h}' for l, h in fold) for fold in t.heads)} (per fold). "
                 f"On {t.n_test} held-out zero-shot queries: zero-shot {t.zero_shot_acc:.2f}, with the vector "
                 f"{t.with_vector_acc:.2f}, random vector of equal norm {t.random_control_acc:.2f}, vector from "
-                f"shuffled-label demos {t.shuffled_control_acc:.2f}; layer chosen on validation: {list(t.layers)}.",
-            ))
+                f"shuffled-label demos {t.shuffled_control_acc:.2f}; layer chosen on validation: {list(t.layers)}. "
+                + (self._transplant_reading() if not self.few_shot_at_chance else "The model is at chance with "
+                   "demos (see the reading above): these accuracies are not read as a transplanted task."),
+            ))  # fmt: skip
             ranks = ", ".join(f"rank {r}: {a:.2f}" for r, a in t.by_rank)
             out.append(Section(
                 "Transplant: the demos' linear fast weight (b + W q~ in every head)",
@@ -140,18 +208,23 @@ class FastWeightsRun(Result):
             figs = "".join(figure_html(x) for x in p.figures())
             skipped = [f"Not measured: {s}." for s in p.skipped]
             out.append(Section("The fast-weight predictions, measured", figs + table_html(p.to_dataframe()),
-                               [_prediction_reading(p), *skipped]))  # fmt: skip
+                               [_prediction_reading(p, bool(self.few_shot_at_chance)), *skipped]))  # fmt: skip
         return out
 
 
-def _prediction_reading(p: Predictions) -> str:
+def _prediction_reading(p: Predictions, chance: bool = False) -> str:
+    """The measured predictions as sentences; ``chance``: the model is at chance with demos, so beta (a shrink
+    of an in-context update that is not there) is not read."""
     parts = []
     if len(p.repetition) > 1:
         a, b = p.repetition[0], p.repetition[-1]
         parts.append(f"Repeating the demos {b['repeat']}x: |dW_lin| x{b['fw_norm'] / max(a['fw_norm'], 1e-30):.2f}, "
                      f"|c_D| x{b['demo_norm'] / max(a['demo_norm'], 1e-30):.2f}, accuracy {a['accuracy']:.2f} -> "
                      f"{b['accuracy']:.2f}.")  # fmt: skip
-    if len(p.noise) > 1:
+    if len(p.noise) > 1 and chance:
+        parts.append("Label noise: the model is at chance with clean demos, so there is no in-context update to "
+                     "shrink; beta is not read.")
+    elif len(p.noise) > 1:
         parts.append("Label noise: shrinkage beta " + ", ".join(f"{r['noise']:.2f}: {r['shrinkage_beta']:.2f}"
                                                                 for r in p.noise) + ".")  # fmt: skip
     if p.order:
@@ -175,16 +248,26 @@ def run_fast_weights(
     seed: int = 0,
     transplant: bool = True,
     predictions: bool = True,
+    layer_stride: int = 1,
+    n_random: int = 5,
 ) -> FastWeightsRun:
     """Decompose, read out, transplant and test the predictions on ``n`` prompts of ``task`` (a name or a
     :class:`~icl_circuits.tasks.registry.Task`) with ``shots`` demos (see module doc).
 
+    ``layer_stride``: the transplant sweeps layers ``0, k, 2k, ...`` and always ``n_layers`` (the output);
+    ``n_random``: its random controls (:func:`~icl_circuits.fast_weights.transplant.transplant_test`).
+
     Raises:
-        TaskError: unknown task, bad shots; InputError: bad heads.
+        TaskError: unknown task, bad shots; InputError: bad heads, ``layer_stride < 1``.
     """
     from icl_circuits.tasks.prompts import check_task
     from icl_circuits.tasks.registry import get_task
+    from icl_circuits.tasks.scoring import evaluate
 
+    if layer_stride < 1:
+        raise InputError(f"layer_stride must be >= 1, got {layer_stride}")
+    n_layers = int(model.cfg.n_layers)
+    sweep = sorted(set(range(0, n_layers + 1, layer_stride)) | {n_layers})
     t = get_task(task, model)
     checked = check_task(model, t)
     checked.task.check_shots(shots)
@@ -199,15 +282,17 @@ def run_fast_weights(
     if transplant:
         try:
             tr = transplant_test(model, checked.task, shots, heads="auto" if heads == "auto" else list(top),
-                                 n_heads=n_top, n=n, seed=seed)  # fmt: skip
+                                 n_heads=n_top, n=n, seed=seed, layers=sweep, n_random=n_random)  # fmt: skip
         except TaskError as e:
             skipped = str(e)
     else:
         skipped = "disabled"
     pred = measure_predictions(model, checked.task, shots, top, n=n, seed=seed) if predictions else None
+    ev = evaluate(model, checked.task, [shots], n=n, seed=seed)
+    few_shot = {"accuracy": ev.accuracy(shots), "chance": ev.chance, "n": n}
     settings = {"heads": heads if isinstance(heads, str) else [list(h) for h in heads], "n_top": n_top,
-                "n_prompts": n, "seed": seed}  # fmt: skip
-    return FastWeightsRun(result, top, tr, skipped, pred, settings)
+                "n_prompts": n, "seed": seed, "transplant_layers": sweep, "n_random": n_random}  # fmt: skip
+    return FastWeightsRun(result, top, tr, skipped, pred, settings, few_shot)
 
 
 def write_fast_weights(run: FastWeightsRun, out: str | os.PathLike[str], provenance: dict[str, Any]) -> list[Path]:

@@ -75,7 +75,11 @@ class Predictions(Result):
         parts = [pd.DataFrame(list(rows)).assign(experiment=name)
                  for name, rows in (("repetition", self.repetition), ("noise", self.noise), ("order", self.order))
                  if rows]  # fmt: skip
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        if not parts:
+            return pd.DataFrame()
+        df = pd.concat(parts, ignore_index=True)
+        counts = [c for c in ("repeat", "order") if c in df]  # integers (NaN-padded by the long format)
+        return df.astype({c: "Int64" for c in counts})
 
     def figures(self) -> list[Any]:  # list[plotly Figure]
         """[repetition, noise, order] figures. Pure: returns the figures."""
@@ -93,7 +97,12 @@ class Predictions(Result):
                                          line={"color": colour[key]}), 1, 1)  # fmt: skip
             rep.add_trace(go.Scatter(x=r, y=[row["accuracy"] for row in self.repetition], name="accuracy",
                                      line={"color": colour["accuracy"]}), 1, 2)  # fmt: skip
-        rep.update_layout(title="Repeating the demo block r times", xaxis_title="r")
+        rep.update_xaxes(dtick=1, title_text="r")
+        skipped = [s for s in self.skipped if s.startswith("repeating")]
+        if skipped:  # said on the figure too: a lone point at r = 1 is what was measured, not a flat line
+            rep.add_annotation(text="not measured: " + "; ".join(s.split(":")[0] for s in skipped) + " (longer "
+                               "than the context)", xref="paper", yref="paper", x=0.5, y=-0.28, showarrow=False)
+        rep.update_layout(title="Repeating the demo block r times", margin={"b": 90})
         noi = make_subplots(rows=1, cols=2, subplot_titles=("update along the clean update (beta)", "accuracy"))
         if self.noise:
             p = [row["noise"] for row in self.noise]
@@ -107,7 +116,7 @@ class Predictions(Result):
                                      line={"color": colour["accuracy"]}, showlegend=False), 1, 2)  # fmt: skip
         noi.update_layout(title="Label noise: does the update shrink toward the zero-shot prediction?",
                           xaxis_title="fraction of demo labels flipped")  # fmt: skip
-        names = [f"order {row['order']}" for row in self.order]
+        names = [f"order {row['order'] + 1}" for row in self.order]  # numbered 1..n, like the demos
         ordf = go.Figure()
         for key, label in (("fw_rel_change", "|dW(perm) - dW| / |dW|"), ("fw_rel_change_other_demos", "other demos")):
             ordf.add_trace(go.Bar(name=label, x=names, y=[row[key] for row in self.order]))

@@ -67,9 +67,9 @@ class LinearSelfAttention(torch.nn.Module):
         self.cfg = cfg
         n = cfg.d + 1
         g = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.W_Q = torch.nn.Parameter(torch.randn(cfg.n_heads, n, n, generator=g) * cfg.init_std)
-        self.W_K = torch.nn.Parameter(torch.randn(cfg.n_heads, n, n, generator=g) * cfg.init_std)
-        self.W_V = torch.nn.Parameter(torch.randn(cfg.n_heads, n, n, generator=g) * cfg.init_std)
+        self.W_Q = torch.nn.Parameter(torch.randn(cfg.n_heads, n, n, generator=g) * cfg.init_std)  # cpu: params
+        self.W_K = torch.nn.Parameter(torch.randn(cfg.n_heads, n, n, generator=g) * cfg.init_std)  # cpu: params
+        self.W_V = torch.nn.Parameter(torch.randn(cfg.n_heads, n, n, generator=g) * cfg.init_std)  # cpu: params
 
     def fast_weights(self, demos: torch.Tensor) -> torch.Tensor:
         """``demos [batch, N, d+1]`` -> ``dW [batch, head, d+1, d+1] = (1/N) sum_i (W_V e_i)(W_K e_i)^T``."""
@@ -104,8 +104,8 @@ def sample_regression(
     """``(demos [batch, N, d+1], x_query [batch, d], y_query [batch], w [batch, d])`` (module doc)."""
     if batch < 1 or n_demos < 1 or d < 1:
         raise InputError(f"need batch, n_demos, d >= 1, got {batch}, {n_demos}, {d}")
-    w = torch.randn(batch, d, generator=generator)
-    x = torch.randn(batch, n_demos + 1, d, generator=generator)
+    w = torch.randn(batch, d, generator=generator)  # cpu: the generator's device; callers move the data
+    x = torch.randn(batch, n_demos + 1, d, generator=generator)  # cpu: as w
     y = torch.einsum("bnd,bd->bn", x, w)
     demos = torch.cat([x[:, :-1], y[:, :-1, None]], dim=-1)
     return demos, x[:, -1], y[:, -1], w

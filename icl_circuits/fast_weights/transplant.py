@@ -203,9 +203,9 @@ def random_fast_weight(W: torch.Tensor, b: torch.Tensor, gen: torch.Generator) -
     """The control: ``W``'s singular values on random orthonormal singular vectors, and ``b``'s norms in
     random directions."""
     S = torch.linalg.svdvals(W)
-    U = torch.linalg.qr(torch.randn(W.shape, generator=gen)).Q
-    V = torch.linalg.qr(torch.randn(W.shape, generator=gen)).Q
-    r = torch.randn(b.shape, generator=gen)
+    U = torch.linalg.qr(torch.randn(W.shape, generator=gen).to(W)).Q  # cpu generator, then W's device
+    V = torch.linalg.qr(torch.randn(W.shape, generator=gen).to(W)).Q  # cpu generator, then W's device
+    r = torch.randn(b.shape, generator=gen).to(b)  # cpu generator, then b's device
     return (U * S[..., None, :]) @ V.mT, r / r.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True)
 
 
@@ -351,6 +351,7 @@ class TransplantResult(Result):
         sweep.add_hline(y=self.zero_shot_acc, line_dash="dash", annotation_text="zero-shot")
         sweep.update_layout(title="Test accuracy by layer of insertion (mean over folds; for reading only: "
                                   "the headline layer is chosen on validation)", xaxis_title="layer (resid_pre)",
+                            xaxis_dtick=1,
                             yaxis_title="accuracy", yaxis_range=[0, 1.05])  # fmt: skip
         names = ["zero-shot", "with fast weight", "random (same spectrum)", "shuffled-label", "softmax memory"]
         vals = [self.zero_shot_acc, self.fast_weight_acc, self.fast_weight_random_acc, self.fast_weight_shuffled_acc,
@@ -362,7 +363,7 @@ class TransplantResult(Result):
                                                              "full rank, one layer's heads at a time"))  # fmt: skip
         curve.add_trace(go.Scatter(x=[str(r) for r, _ in self.by_rank], y=[a for _, a in self.by_rank],
                                    mode="lines+markers", name="by rank"), row=1, col=1)  # fmt: skip
-        curve.add_trace(go.Bar(x=[str(l) for l, _ in self.by_layer], y=[a for _, a in self.by_layer],
+        curve.add_trace(go.Bar(x=[f"L{l}" for l, _ in self.by_layer], y=[a for _, a in self.by_layer],
                                name="by layer"), row=1, col=2)  # fmt: skip
         curve.add_hline(y=self.zero_shot_acc, line_dash="dash", annotation_text="zero-shot")
         curve.update_xaxes(title_text="rank r", type="category", row=1, col=1)
@@ -482,7 +483,7 @@ def transplant_test(
             dec = fw.decompose(model, tok, roles, hs)
         vec = fw.task_vector(dec, hs)
         vec_s = fw.task_vector(fw.decompose(model, tok_s, roles_s, hs), hs)
-        randoms = torch.randn(n_random, vec.shape[0], generator=gen)
+        randoms = torch.randn(n_random, vec.shape[0], generator=gen).to(vec)  # cpu generator, then vec's device
         randoms = randoms / randoms.norm(dim=-1, keepdim=True) * vec.norm()
         sets = {}
         for split, keys in (("val", train_keys), ("test", test_keys)):

@@ -22,8 +22,9 @@ Composition score of sender head ``A`` (earlier layer) into receiver ``B``:
 ``||W_A W_B||_F / (||W_A||_F ||W_B||_F)`` with ``(W_A, W_B) = (W_OV^A, W_QK^B)`` for Q-composition,
 ``(W_OV^A, (W_QK^B)^T)`` for K-composition (``A`` writes what ``B``'s keys read) and
 ``(W_OV^A, W_OV^B)`` for V-composition. TransformerBridge's ``all_composition_scores`` computes exactly these,
-but broadcasts all pairs at once (8 GB for GPT-2 small); :func:`composition_scores` gets the same numbers
-from ``d_head x d_head`` Gram matrices (checked against TransformerLens and dense products in tests).
+but broadcasts all pairs at once (8 GB for GPT-2 small); :func:`all_composition_scores` gets the same numbers
+from packed ``d_model x d_model`` Gram matrices of QR-reduced factors, ``d_model^2 / 2`` multiply-adds per
+pair (checked against TransformerLens and dense products in tests).
 Because random matrices compose a little, Elhage et al. compare with the score of random matrices of
 the same shapes: :func:`composition_baseline` samples Gaussian factors with the model's shapes and
 returns the mean and standard deviation; ``z = (score - mean) / std`` says how far a pair stands out.
@@ -76,9 +77,25 @@ def copying_scores(
     return eigenvalue_positivity(small).cpu()  # eigenvalues in float64
 
 
-def _squared_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``||a b^T||_F^2`` for ``a, b [..., d_model, d_head]``, from ``d_head x d_head`` Gram matrices."""
-    return (a.transpose(-2, -1) @ a * (b.transpose(-2, -1) @ b)).sum((-2, -1))
+def _triangle(a: torch.Tensor) -> torch.Tensor:
+    """``T [..., d_head, d_head]`` with ``a = Q T`` (``a [..., d_model, d_head]``, ``Q`` orthonormal columns; QR)."""
+    return torch.linalg.qr(a, mode="r")[1]
+
+
+def _reduced_sender(V: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
+    """Sender OV ``V O`` (``V [n, d_model, d_head]``, ``O [n, d_head, d_model]``) as ``T_V O [n, d_head, d_model]``.
+
+    With ``V = Q_V T_V`` and a receiver ``P R^T``, ``R = Q_R T_R`` (QR), ``V O P R^T = Q_V (T_V O)(P T_R^T) Q_R^T``
+    and orthonormal ``Q`` keep Frobenius norms: ``||V O P R^T||_F = ||(T_V O)(P T_R^T)||_F``,
+    ``||V O||_F = ||T_V O||_F``, ``||P R^T||_F = ||P T_R^T||_F``.
+    """
+    return _triangle(V) @ O
+
+
+def _reduced_receiver(P: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Receiver ``P R^T`` (``P, R [n, d_model, d_head]``) as ``P T_R^T [n, d_model, d_head]`` (see
+    :func:`_reduced_sender`)."""
+    return P @ _triangle(R).transpose(-2, -1)
 
 
 def _receiver_factors(W: dict[str, torch.Tensor], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,22 +107,18 @@ def _receiver_factors(W: dict[str, torch.Tensor], mode: str) -> tuple[torch.Tens
     return W["V"], W["O"].transpose(-2, -1)
 
 
-def _scores_into(V: torch.Tensor, O: torch.Tensor, P: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """``[senders, receivers]`` composition of sender OV ``V O`` into receiver ``P R^T``.
-
-    ``V, P, R [n, d_model, d_head]``, ``O [n, d_head, d_model]``. With ``M = O_A P_B``:
-    ``||V_A O_A P_B R_B^T||_F^2 = sum((G_A M) * (M H_B))``, ``G = V^T V``, ``H = R^T R`` -- exact, and
-    no ``d_model x d_model`` matrix is formed.
-    """
-    G = V.transpose(-2, -1) @ V  # [s, d_head, d_head]
-    H = R.transpose(-2, -1) @ R  # [r, d_head, d_head]
-    # [s, r, d_head, d_head]: one GEMM, the only O(d_model) work per pair; float32 there (relative error
-    # ~1e-7), float64 for the Gram contractions whose terms partly cancel.
-    M = torch.einsum("sij,rjk->srik", O.float(), P.float()).double()
-    sq = (torch.einsum("sij,srjk->srik", G, M) * torch.einsum("srij,rjk->srik", M, H)).sum((-2, -1))
-    norm_a = _squared_norms(V, O.transpose(-2, -1)).sqrt()  # ||V O||_F
-    norm_b = _squared_norms(P, R).sqrt()
-    return sq.clamp_min(0).sqrt() / norm_a[:, None] / norm_b[None, :]
+def _packed_gram(a: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """``a [n, k, D]`` -> ``[n, D (D + 1) / 2]``: the upper triangle of each ``a^T a`` (float64), off-diagonal
+    entries times ``sqrt 2``, so that ``packed(a) . packed(b) = <a^T a, b^T b>_F = ||a b^T||_F^2``."""
+    D = int(a.shape[-1])
+    iu = torch.triu_indices(D, D, device=a.device)
+    flat = iu[0] * D + iu[1]
+    weight = torch.where(iu[0] == iu[1], 1.0, 2.0**0.5).to(a.device, torch.float64)
+    out = []
+    for lo in range(0, a.shape[0], chunk):  # [chunk, D, D] at a time
+        g = a[lo : lo + chunk].double()
+        out.append((g.transpose(-2, -1) @ g).reshape(-1, D * D).index_select(1, flat) * weight)
+    return torch.cat(out)
 
 
 def _weights(model: Any) -> dict[str, torch.Tensor]:
@@ -123,20 +136,44 @@ def composition_scores(model: Any, mode: str) -> torch.Tensor:
     """``[layer_A, head_A, layer_B, head_B]``: ``mode`` composition of sender A into receiver B.
 
     Zero unless A's layer is below B's. Equal to ``TransformerBridge.all_composition_scores(mode)``
-    (tests/test_heads.py checks it), computed receiver layer by receiver layer from ``d_head``-sized
-    products: TransformerLens broadcasts every pair to ``[L, H, L, H, d_head, d_model]`` (8 GB and
-    ~50 s per mode for GPT-2 small on 2 cores); this takes a few seconds and ~60 MB.
+    (tests/heads/test_composition.py checks it); :func:`all_composition_scores` for how it is computed.
     """
-    if mode not in MODES:
-        raise InputError(f"composition mode must be one of {MODES}, got {mode!r}")
+    return all_composition_scores(model, (mode,))[mode]
+
+
+@torch.no_grad()
+def all_composition_scores(model: Any, modes: tuple[str, ...] = MODES) -> dict[str, torch.Tensor]:
+    """``{mode: [layer_A, head_A, layer_B, head_B]}`` for each of ``modes`` (see :func:`composition_scores`).
+
+    ``||W_A W_B||_F^2 = <W_A^T W_A, W_B W_B^T>_F``: each head's ``d_model x d_model`` Gram matrix is
+    formed once (from the QR-reduced factors of :func:`_reduced_sender`; the senders' is shared by the modes)
+    and packed, and all pairs come from one float64 product of the packed Grams, ``d_model^2 / 2``
+    multiply-adds per pair. TransformerLens broadcasts every pair to ``[L, H, L, H, d_head, d_model]``
+    (8 GB and ~50 s per mode for GPT-2 small on 2 cores); the products themselves would cost
+    ``d_head^2 d_model`` per pair (9x more at SmolLM2's shapes). Memory: two ``[L H, d_model^2 / 2]``
+    float64 tables (~350 MB each for SmolLM2).
+    """
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise InputError(f"composition mode must be one of {MODES}, got {bad[0]!r}")
     W = _weights(model)
-    P, R = _receiver_factors(W, mode)
     L, H = W["Q"].shape[:2]
-    out = torch.zeros(L, H, L, H, dtype=torch.float64)
-    for b in range(1, L):
-        V, O = W["V"][:b].flatten(0, 1), W["O"][:b].flatten(0, 1)  # every head of the layers below b
-        out[:b, :, b] = _scores_into(V, O, P[b], R[b]).reshape(b, H, H)
-    return out.float().cpu()
+    V, O = W["V"][:-1].flatten(0, 1), W["O"][:-1].flatten(0, 1)  # senders: layers 0..L-2
+    left = _reduced_sender(V, O)  # [s, d_head, d_model]
+    senders = _packed_gram(left)
+    norm_a = left.square().sum((-2, -1)).sqrt().reshape(L - 1, H)
+    below = layer_mask(L, H)[:-1, :, 1:].to(senders.device)  # sender layer < receiver layer
+    out = {}
+    for mode in modes:
+        P, R = (f[1:].flatten(0, 1) for f in _receiver_factors(W, mode))  # receivers: layers 1..L-1
+        right = _reduced_receiver(P, R)  # [r, d_model, d_head]
+        sq = (senders @ _packed_gram(right.transpose(-2, -1)).T).clamp_min(0).reshape(L - 1, H, L - 1, H)
+        norm_b = right.square().sum((-2, -1)).sqrt().reshape(L - 1, H)
+        score = sq.sqrt() / norm_a[:, :, None, None] / norm_b[None, None]
+        full = torch.zeros(L, H, L, H, dtype=torch.float64, device=score.device)
+        full[:-1, :, 1:] = torch.where(below, score, torch.zeros_like(score))
+        out[mode] = full.float().cpu()
+    return out
 
 
 @dataclass(frozen=True)
@@ -164,16 +201,13 @@ def composition_baseline(
         raise InputError(f"need n >= 2 random draws for a standard deviation, got {n}")
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(n, *shape, generator=generator, dtype=torch.float64)
+        return torch.randn(n, *shape, generator=generator, dtype=torch.float64)  # cpu: no model tensor involved
 
     V, O = randn(d_model, d_head), randn(d_head, d_model)
     first, second = randn(d_model, d_head), (randn(d_head, d_model) if mode == "V" else randn(d_model, d_head))
     W = {"Q": first, "K": second, "V": first, "O": second}
-    P, R = _receiver_factors(W, mode)
-    G, H = V.transpose(-2, -1) @ V, R.transpose(-2, -1) @ R  # draw i's sender with draw i's receiver
-    M = O @ P
-    s = ((G @ M) * (M @ H)).sum((-2, -1)).sqrt() / _squared_norms(V, O.transpose(-2, -1)).sqrt()
-    s = s / _squared_norms(P, R).sqrt()
+    left, right = _reduced_sender(V, O), _reduced_receiver(*_receiver_factors(W, mode))  # draw i with draw i
+    s = torch.linalg.matrix_norm(left @ right) / torch.linalg.matrix_norm(left) / torch.linalg.matrix_norm(right)
     return Baseline(mean=float(s.mean()), std=float(s.std()), n=n)
 
 

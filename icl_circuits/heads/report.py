@@ -56,6 +56,13 @@ def _circuit_table(scan: HeadScan) -> str:
     return table_html(pd.DataFrame(rows), max_rows=200)
 
 
+def ranked_note(n_heads: int, shown: int) -> str:
+    """The ranked table's note: "the 20 highest of 36" only when some are left out, else "all 16 heads"."""
+    if n_heads > shown:
+        return f"The {shown} highest induction scores of {n_heads} heads; head_scan.json holds every head."
+    return f"All {n_heads} heads, by induction score."
+
+
 def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
     """The report: summary, heatmaps, ranked table, circuit (with composition heatmaps), attention views."""
     th = scan.thresholds
@@ -63,11 +70,12 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
     summary = Section(
         "Summary",
         f"<pre>{html.escape(scan.summary())}</pre>",
-        f"Measured on {scan.batch} sequences [BOS, r, r] with |r| = {scan.seq_len} random ordinary tokens "
+        f"Measured on {scan.batch} sequences {scan.layout} with |r| = {scan.seq_len} random ordinary tokens "
         f"(seed {scan.seed}); prefix matching on {scan.prefix_repeats} copies of |r| = {scan.prefix_seq_len}. "
         f"Induction head: induction score >= {th.induction} and it acts on what it attends to: copying > "
-        f"{th.min_copying}"
-        + (f" or mean-ablation effect < -{th.min_ablation} nats." if ablated else " (ablation sweep skipped).")
+        f"{th.min_copying:g}"  # :g and + 0.0: "0", never "-0.0"
+        + (f" or mean-ablation effect < {-th.min_ablation + 0.0:g} nats (the sweep on the first "
+           f"{scan.ablation_batch} sequences)." if ablated else " (ablation sweep skipped).")
         + f" Previous-/duplicate-token: score >= {th.previous_token} / {th.duplicate_token}; "
         f"copying: OV eigenvalue positivity >= {th.copying}.",
     )
@@ -82,8 +90,7 @@ def head_scan_sections(scan: HeadScan, model: Any) -> list[Section]:
     ranked = Section(
         "Heads ranked by induction score",
         table_html(scan.to_dataframe(), max_rows=20),
-        f"The {min(20, scan.n_layers * scan.n_heads)} highest induction scores of {scan.n_layers * scan.n_heads} "
-        "heads; head_scan.json holds every head.",
+        ranked_note(scan.n_layers * scan.n_heads, 20),
     )
     k_base = scan.baselines["K"]
     circuit = Section(
@@ -118,7 +125,7 @@ def save_head_scan(scan: HeadScan, model: Any, out_dir: str | os.PathLike[str], 
     out = Path(out_dir)
     prov = provenance(
         model, scan.seed, seq_len=scan.seq_len, batch=scan.batch, prefix_repeats=scan.prefix_repeats,
-        ablation="ablation" in scan.scores, **args,
+        ablation="ablation" in scan.scores, ablation_batch=scan.ablation_batch, **args,
     )
     doc = scan.to_dict()
     doc["provenance"] = prov

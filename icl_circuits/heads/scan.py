@@ -21,7 +21,7 @@ Example::
 read) and the offline ``head_scan.html`` report.
 
 Cost: two forwards of ``batch`` sequences for the attention scores, one ``|vocab| x d_model^2``
-product for copying, ``(L H)^2 d_head^2 d_model / 2`` multiply-adds per composition mode, and, with
+product for copying, about ``(L H)^2 d_model^2 / 4`` multiply-adds per composition mode, and, with
 ``ablation=True``, the mean-ablation sweep (:mod:`icl_circuits.patching.ablation`: each layer's heads
 tiled into one batch resumed at that layer, about half a forward of the batch per head; it also gives
 the ablation reading of the circuit). Its sign: ``effect = gain(ablated) - gain(clean)`` with the
@@ -31,6 +31,8 @@ in-context gain ``early - late`` in nats, so a negative effect = the head helps.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +46,7 @@ from icl_circuits.models import model_info
 from icl_circuits.patching.ablation import SIGN, InContextGain, mean_ablation_sweep
 from icl_circuits.results import Result
 from icl_circuits.shapes import check_heads
+from icl_circuits.tasks.defaults import run_default
 
 METRICS = ("induction", "prefix_matching", "previous_token", "duplicate_token", "copying", "ablation")
 ROLES = ("induction", "previous-token", "duplicate-token", "copying")
@@ -131,8 +134,15 @@ class HeadScan(Result):
     loss_early: float
     loss_late: float
     induction_change: torch.Tensor | None  # [L, H, L, H] (sender ablated, receiver) or None without the sweep
-    tokens: torch.Tensor = field(repr=False)  # [batch, 1 + 2 * seq_len], the [BOS, r, r] sequences
+    tokens: torch.Tensor = field(repr=False)  # [batch, o + 2 * seq_len], the [BOS?, r, r] sequences (o = BOS or not)
     thresholds: RoleThresholds = field(default_factory=RoleThresholds)
+    ablation_batch: int | None = None  # sequences of the ablation sweep (the first of tokens); None: no sweep
+    timings: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> seconds (wall clock)
+
+    @property
+    def layout(self) -> str:
+        """``"[BOS, r, r]"`` when the sequences start with the model's BOS, else ``"[r, r]"``."""
+        return "[BOS, r, r]" if int(self.tokens.shape[1]) > 2 * self.seq_len else "[r, r]"
 
     @property
     def n_layers(self) -> int:
@@ -201,7 +211,7 @@ class HeadScan(Result):
         keep = (z >= self.thresholds.feeder_min_z) & (excess >= self.thresholds.feeder_fraction * excess.max())
         chosen = sorted(((l, h) for l, h in keep.nonzero().tolist()), key=lambda lh: -float(k[lh]))
         by_ablation: list[tuple[int, int]] = []
-        drop = torch.zeros(0)
+        drop = torch.zeros(0)  # cpu: empty placeholder, like the CPU scan results
         if self.induction_change is not None:
             drop = -self.induction_change[:l_r, :, l_r, h_r]  # [l_r, H]: induction score lost
             th = self.thresholds
@@ -362,6 +372,8 @@ class HeadScan(Result):
             "seed": self.seed,
             "seq_len": self.seq_len,
             "batch": self.batch,
+            "ablation_batch": self.ablation_batch,
+            "timings_s": dict(self.timings),
             "prefix_matching": {"repeats": self.prefix_repeats, "seq_len": self.prefix_seq_len},
             "heads": heads,
             "induction_heads": [list(lh) for lh in self.induction_heads],
@@ -395,7 +407,8 @@ class HeadScan(Result):
             f"{self.model}: induction heads: {ind} (highest induction score "
             f"{float(self.scores['induction'].max()):.3f} at L{best[0]}H{best[1]}; "
             f"threshold {self.thresholds.induction}).",
-            f"In-context score (loss late - early on [BOS, r, r], n={self.seq_len}): {self.in_context_score:+.3f} nats "
+            f"In-context score (loss late - early on {self.layout}, n={self.seq_len}): "
+            f"{self.in_context_score:+.3f} nats "
             f"({self.loss_early:.3f} -> {self.loss_late:.3f}).",
         ]
         lines += ["Circuit: " + f.describe() for f in self.circuit]
@@ -443,11 +456,15 @@ def scan_heads(
     copying_tokens: int | None = None,
     thresholds: RoleThresholds | None = None,
     progress: bool = True,
+    ablation_batch: int | None = None,
+    log: Callable[[str], None] | None = None,
+    matmul_precision: str | None = "medium",
 ) -> HeadScan:
     """Scan every head of ``model`` (a TransformerBridge in compatibility mode).
 
     Args:
-        seq_len: ``n``, the length of the random segment ``r`` in ``[BOS, r, r]`` (``1 + 2n <= n_ctx``).
+        seq_len: ``n``, the length of the random segment ``r`` in ``[BOS?, r, r]`` (``o + 2n <= n_ctx``,
+            ``o = 1`` with a BOS).
         batch: sequences per measurement.
         seed: seeds the token sampler (``torch.Generator``); same seed, same sequences.
         ablation: run the mean-ablation sweep (negative effect = the head helps; see the module doc).
@@ -456,11 +473,35 @@ def scan_heads(
         copying_tokens: sample this many ordinary tokens for the copying score (default: all of them).
         thresholds: the role cuts (default :class:`RoleThresholds`).
         progress: tqdm bar over the ablation sweep.
+        ablation_batch: sweep the first this many of the ``batch`` sequences (default: the model kind's
+            ``DEFAULTS[kind]["head-scan"]["ablation_batch"]`` of :mod:`icl_circuits.tasks.defaults`, capped
+            at ``batch``; ``None`` there = all). The sweep costs ~``ablation_batch`` forwards of the upper
+            layers per head, the attention scores two forwards in all, so a real model sweeps fewer
+            sequences; the README's "Measured speed" section states the price in agreement with a full sweep.
+        log: called with one line per finished stage (its wall-clock time), e.g. ``print``.
+        matmul_precision: torch's float32 matmul precision during the sweep on a CPU model (ignored on
+            other devices, where ``"medium"`` may mean plain bfloat16): ``"medium"`` measured 1.6-1.9x faster
+            on SmolLM2 (AVX512-BF16) with effects within 6e-6 nats of ``"highest"`` (README "Measured
+            speed"); ``None`` keeps torch's setting.
     """
     if not isinstance(seq_len, int) or not isinstance(batch, int) or batch < 1 or seq_len < 2:
         raise InputError(f"seq_len must be an int >= 2 and batch an int >= 1; got seq_len={seq_len!r}, batch={batch!r}")
     if prefix_repeats < 2:
         raise InputError(f"prefix_repeats must be >= 2 (copies of r), got {prefix_repeats}")
+    if ablation_batch is not None and not (isinstance(ablation_batch, int) and 1 <= ablation_batch <= batch):
+        raise InputError(f"ablation_batch must be an int in 1..batch={batch}, got {ablation_batch!r}")
+    default = run_default(model, "head-scan", "ablation_batch", ablation_batch)
+    n_ablate = batch if default is None else min(int(default), batch)
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
+        if log is not None:
+            log(f"  {name}: {timings[name]:.1f} s")
+
     n_ctx = int(model.cfg.n_ctx)
     gen = generator(seed)
     tokens = hd.repeated_random_tokens(model, batch, seq_len, gen)
@@ -472,17 +513,23 @@ def scan_heads(
     scores, logits = hd.attention_scores(model, tokens, seq_len, prefix_tokens, prefix_repeats)
     early, late = hd.in_context_losses(logits, tokens.to(logits.device), seq_len)
     del logits
+    stage(f"attention scores ({batch} sequences)")
     scores["copying"] = comp.copying_scores(model, n_tokens=copying_tokens, generator=gen if copying_tokens else None)
+    stage("copying (OV eigenvalues)")
     sweep = None
     if ablation:
+        on_cpu = str(getattr(model.cfg, "device", None) or "cpu").startswith("cpu")
+        ablate = tokens[:n_ablate]
         sweep = mean_ablation_sweep(
-            model, tokens, InContextGain(tokens, seq_len), pattern_score=lambda p: hd.induction_stripe(p, seq_len),
-            progress=progress,
+            model, ablate, InContextGain(ablate, seq_len), pattern_score=lambda p: hd.induction_stripe(p, seq_len),
+            progress=progress, matmul_precision=matmul_precision if on_cpu else None,
         )  # fmt: skip
         scores["ablation"] = sweep.effect
-    compo = {m: comp.composition_scores(model, m) for m in comp.MODES}
+        stage(f"mean-ablation sweep ({int(model.cfg.n_layers) * int(model.cfg.n_heads)} heads x {n_ablate} sequences)")
+    compo = comp.all_composition_scores(model)
     d_model, d_head = int(model.cfg.d_model), int(model.cfg.d_head)
     baselines = {m: comp.composition_baseline(d_model, d_head, m, generator=gen) for m in comp.MODES}
+    stage("composition (Q, K, V) and baselines")
     return HeadScan(
         model=model_info(model).spec,
         seq_len=seq_len,
@@ -498,4 +545,6 @@ def scan_heads(
         induction_change=None if sweep is None else sweep.pattern_change,
         tokens=tokens,
         thresholds=thresholds or RoleThresholds(),
+        ablation_batch=n_ablate if ablation else None,
+        timings=timings,
     )

@@ -1,6 +1,6 @@
 """Behavioural head scores on repeated random tokens (Olsson et al. 2022, "In-context Learning and Induction Heads").
 
-Sequences are ``[BOS, r, r, ...]``: ``r`` is ``n`` random ordinary tokens (special tokens excluded,
+Sequences are ``[BOS?, r, r, ...]``: ``r`` is ``n`` random ordinary tokens (special tokens excluded,
 distinct within a sequence when the vocabulary allows), repeated ``c`` times. The BOS is there only
 when the model's prompts start with one (:func:`~icl_circuits.models.uses_bos`, a per-model
 setting; ``o = 1`` with it, ``0`` without): positions are ``0`` (BOS) and ``o + i*n + j`` for copy
@@ -19,10 +19,10 @@ setting; ``o = 1`` with it, ``0`` without): positions are ``0`` (BOS) and ``o + 
 
 All four are attention fractions in ``[0, 1]`` (``1``: every query puts all its attention there).
 TransformerLens's ``head_detector.detect_head(model, seq, "induction_head")`` with the default
-``error_measure="mul"`` on one ``[BOS, r, r]`` sequence divides the stripe's attention by the sum of
+``error_measure="mul"`` on one ``[BOS?, r, r]`` sequence divides the stripe's attention by the sum of
 *all* attention (``2n + 1`` rows of 1), so ``induction_score = detect_head * (2n + 1) / n`` exactly.
 
-In-context score (Olsson et al.'s "loss late minus loss early", on ``[BOS, r, r]``):
+In-context score (Olsson et al.'s "loss late minus loss early", on ``[BOS?, r, r]``):
 ``late - early`` with ``early`` the mean next-token loss (nats) on first-copy targets ``r[1..n-1]``
 and ``late`` on second-copy targets ``r[1..n-1]`` (``r[0]`` is unpredictable in both copies). It is
 negative when the model learns in context.
@@ -36,7 +36,7 @@ does not matter. The same runs record every later head's induction score, so
 ``pattern_change[S, R]`` (receiver R's induction score with sender S ablated, minus clean) says
 causally which earlier heads feed each induction head.
 
-Cost: the attention scores take two forwards (``[BOS, r, r]`` and the ``c``-copy sequences); the
+Cost: the attention scores take two forwards (``[BOS?, r, r]`` and the ``c``-copy sequences); the
 ablation sweep one captured forward, then each layer's heads tiled into one batch that resumes at
 that layer from the cached residual.
 """
@@ -100,7 +100,7 @@ def repeated_random_tokens(
     else:
         idx = torch.randint(len(pool), (batch, seq_len), generator=generator)
     r = pool[idx]
-    bos = torch.full((batch, o), bos_token_id(model), dtype=torch.long)
+    bos = torch.full((batch, o), bos_token_id(model), dtype=torch.long, device=r.device)
     return torch.cat([bos, *([r] * repeats)], dim=1)
 
 
@@ -127,7 +127,7 @@ def _check_pattern(pattern: torch.Tensor, seq_len: int, repeats: int) -> int:
 
 
 def induction_score(pattern: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """``pattern [batch, head, q, k]`` on ``[BOS, r, r]`` -> ``[head]``: mean of A[q, q-n+1] over the second copy."""
+    """``pattern [batch, head, q, k]`` on ``[BOS?, r, r]`` -> ``[head]``: mean of A[q, q-n+1] over the second copy."""
     _check_pattern(pattern, seq_len, 2)
     return induction_stripe(pattern, seq_len).mean(0)
 
@@ -174,15 +174,15 @@ def _pattern_hooks(n_layers: int, fn: Callable[[int, torch.Tensor], None]) -> li
 def attention_scores(
     model: Any, tokens: torch.Tensor, seq_len: int, prefix_tokens: torch.Tensor, prefix_repeats: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Attention scores of every head, each ``[layer, head]``, and the logits of the ``[BOS, r, r]`` forward.
+    """Attention scores of every head, each ``[layer, head]``, and the logits of the ``[BOS?, r, r]`` forward.
 
-    ``tokens [batch, 1 + 2n]`` are ``[BOS, r, r]``; ``prefix_tokens [batch', 1 + prefix_repeats * n']``
+    ``tokens [batch, o + 2n]`` are ``[BOS?, r, r]``; ``prefix_tokens [batch', o + prefix_repeats * n']``
     the sequences for prefix matching. Scores are computed inside hooks, so no pattern is kept.
     Returns ``({"induction", "prefix_matching", "previous_token", "duplicate_token"}, logits [batch, pos, vocab])``.
     """
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     names = ("induction", "previous_token", "duplicate_token", "prefix_matching")
-    out = {k: torch.full((n_layers, n_heads), float("nan")) for k in names}
+    out = {k: torch.full((n_layers, n_heads), float("nan")) for k in names}  # cpu: scored from .cpu() patterns
     n_prefix = prefix_tokens.shape[1] // prefix_repeats  # width o + repeats * n' with o in {0, 1}
 
     def on_rr(layer: int, pattern: torch.Tensor) -> None:
@@ -205,7 +205,7 @@ def attention_scores(
 
 
 def in_context_losses(logits: torch.Tensor, tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logits [batch, 1 + 2n, vocab]`` on ``[BOS, r, r]`` -> ``(early [batch], late [batch])`` mean losses (nats).
+    """``logits [batch, o + 2n, vocab]`` on ``[BOS?, r, r]`` -> ``(early [batch], late [batch])`` mean losses (nats).
 
     ``early``: predicting first-copy tokens ``r[1..n-1]``; ``late``: second-copy ``r[1..n-1]``
     (:class:`icl_circuits.patching.ablation.InContextGain`, whose metric is ``early - late``).

@@ -158,6 +158,9 @@ def check_corpus(cfg: corpus.CorpusConfig, where: str = "config") -> None:
         raise bad(f"train_shifts must be a non-empty list of integers in 1..25, got {cfg.train_shifts!r}")
     if not isinstance(cfg.n_recorded, int) or cfg.n_recorded < 1:
         raise bad(f"n_recorded must be an integer >= 1, got {cfg.n_recorded!r}")
+    z = cfg.zipf_exponent
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0.0 <= z <= 10.0:
+        raise bad(f"zipf_exponent must be a number in [0, 10], got {z!r}")
     if not 0.0 <= float(cfg.noise_rate) < 1.0:
         raise bad(f"noise_rate must be in [0, 1), got {cfg.noise_rate!r}")
     lo, hi = cfg.segment_len

@@ -2,10 +2,12 @@
 
 At each checkpoint ``RUN_DIR/step-*`` (loaded with :func:`icl_circuits.load_model`), with the library's own
 measures: :func:`icl_circuits.heads.scan.scan_heads` (no ablation) gives every head's induction,
-previous-token and prefix-matching score on ``[BOS, r, r]`` and Olsson et al.'s (2022) in-context score
+previous-token and prefix-matching score on ``[BOS?, r, r]`` and Olsson et al.'s (2022) in-context score
 ``late - early`` (nats; negative = the model predicts the second copy from the first);
 :func:`icl_circuits.tasks.scoring.evaluate` gives accuracy and logit difference of each corpus family:
-``bound`` (in-context binding, 8 demos), ``recorded`` (in-weights record, 1 demo), ``rule`` with trained
+``bound`` (in-context binding, 8 demos), ``bound-unseen`` (the same with labels A..Z 0..9, never labels in
+training: binding that cannot be a record), ``recorded`` (in-weights record, 1 demo, maps drawn as in the
+corpus), ``recorded-rare`` (the last, under a Zipf skew the rarest, recorded map), ``rule`` with trained
 shifts and ``rule-heldout`` (shifts not in ``train_shifts``, 8 demos).
 
 Events, computed from those numbers (never set):
@@ -14,9 +16,11 @@ Events, computed from those numbers (never set):
   ``>= threshold`` (default 0.4, :class:`icl_circuits.heads.scan.RoleThresholds`); likewise the first
   previous-token head;
 * the *in-context-score drop* is the first checkpoint where the score has fallen by half of its total
-  fall (from the untrained checkpoint to its minimum), provided the fall is at least ``min_drop`` nats.
+  fall (from the untrained checkpoint to its minimum), provided the fall is at least ``min_drop`` nats;
+* threshold-free: the checkpoint interval where the best induction score rises fastest, and the one where the
+  in-context score falls fastest (:func:`steepest_step`).
 
-Cost: one model load and one scan per checkpoint, plus ``4 * n`` prompts.
+Cost: one model load and one scan per checkpoint, plus ``8 * n`` prompts.
 """
 
 from __future__ import annotations
@@ -46,6 +50,16 @@ def drop_step(steps: list[int], values: list[float], min_drop: float) -> int | N
     if fall < min_drop:
         return None
     return next(s for s, v in zip(steps, values) if v <= values[0] - fall / 2)
+
+
+def steepest_step(steps: list[int], values: list[float], *, rising: bool) -> int | None:
+    """The end step of the checkpoint interval where ``values`` rose (``rising``) or fell fastest per step
+    (a threshold-free event); None with fewer than two checkpoints."""
+    if len(steps) < 2:
+        return None
+    sign = 1.0 if rising else -1.0
+    rates = [sign * (v1 - v0) / (s1 - s0) for s0, s1, v0, v1 in zip(steps, steps[1:], values, values[1:])]
+    return steps[1 + max(range(len(rates)), key=lambda i: rates[i])]
 
 
 @dataclass(frozen=True)
@@ -96,11 +110,14 @@ class Dynamics(Result):
         drop = self.ics_drop_step
         gap = None if ind_step is None or drop is None else ind_step - drop
         interval = max(b - a for a, b in zip(self.steps, self.steps[1:])) if len(self.steps) > 1 else None
+        best = [max(max(r) for r in c) for c in self.heads["induction"]]
         return {
             "induction_head": ind_head, "induction_step": ind_step,
             "previous_token_head": prev_head, "previous_token_step": prev_step,
             "ics_drop_step": drop, "ics_start": self.in_context_score[0], "ics_min": min(self.in_context_score),
             "ics_final": self.in_context_score[-1], "gap_steps": gap, "checkpoint_interval": interval,
+            "induction_steepest_step": steepest_step(list(self.steps), best, rising=True),
+            "ics_steepest_step": steepest_step(list(self.steps), list(self.in_context_score), rising=False),
             "untrained_max_induction": max(max(r) for r in self.heads["induction"][0]),
             "final_max_induction": max(max(r) for r in self.heads["induction"][-1]),
             "final_accuracy": {f: v["accuracy"][-1] for f, v in self.families.items()},
@@ -128,6 +145,10 @@ class Dynamics(Result):
             g, iv = e["gap_steps"], e["checkpoint_interval"]
             same = "they coincide within one checkpoint interval" if abs(g) <= iv else "they do not coincide"
             parts.append(f"Induction formation minus drop: {g:+d} steps ({same}; checkpoints every {iv} steps).")
+        if e["induction_steepest_step"] is not None:
+            parts.append(f"Threshold-free: the best induction score rose fastest in the checkpoint interval ending "
+                         f"at step {e['induction_steepest_step']}, the in-context score fell fastest in the one "
+                         f"ending at step {e['ics_steepest_step']}.")  # fmt: skip
         if e["previous_token_step"] is not None and e["induction_step"] is not None:
             order = ("before" if e["previous_token_step"] < e["induction_step"] else
                      "at the same checkpoint as" if e["previous_token_step"] == e["induction_step"] else "after")
@@ -219,20 +240,32 @@ def heldout_shifts(train_shifts: tuple[int, ...], k: int = 3) -> tuple[int, ...]
     return tuple(s for s in range(1, 26) if s not in train_shifts)[:k]
 
 
-def measure_checkpoint(model: Any, cfg: Any, *, n: int, seed: int, seq_len: int) -> dict[str, Any]:
-    """Head scores ``[layer][head]``, in-context score and family accuracy / logit difference of one model."""
+def measure_checkpoint(
+    model: Any, cfg: Any, *, n: int, seed: int, seq_len: int, heldout: tuple[int, ...] | None = None
+) -> dict[str, Any]:
+    """Head scores ``[layer][head]``, in-context score and family accuracy / logit difference of one model.
+
+    ``heldout``: the shifts of ``rule-heldout`` (default :func:`heldout_shifts` of the trained ones).
+    """
     from icl_circuits.heads.scan import scan_heads
-    from icl_circuits.tasks.registry import FixtureTask
+    from icl_circuits.tasks.registry import DEFAULT_SYMBOLS, FixtureTask, SubstitutedTask
     from icl_circuits.tasks.scoring import evaluate
 
     scan = scan_heads(model, seq_len=seq_len, batch=16, seed=seed, ablation=False, progress=False)
     out: dict[str, Any] = {"heads": {s: scan.scores[s].tolist() for s in SCORES},
                            "in_context_score": scan.in_context_score, "families": {}}  # fmt: skip
+    heldout = heldout_shifts(tuple(cfg.train_shifts)) if heldout is None else heldout
+    if set(heldout) & set(cfg.train_shifts) or not heldout:
+        raise InputError(f"held-out shifts {list(heldout)} must be non-empty and not among the trained "
+                         f"{list(cfg.train_shifts)}")  # fmt: skip
+    bound = FixtureTask("bound", cfg)
     tasks: dict[str, list[tuple[Any, int]]] = {
-        "bound": [(FixtureTask("bound", cfg), 8)],
+        "bound": [(bound, 8)],
+        "bound-unseen": [(SubstitutedTask(bound, DEFAULT_SYMBOLS, name="fixture-bound-unseen"), 8)],
         "recorded": [(FixtureTask("recorded", cfg), 1)],
+        "recorded-rare": [(FixtureTask("recorded", cfg, recorded=cfg.n_recorded - 1), 1)],
         "rule": [(FixtureTask("rule", cfg), 8)],
-        "rule-heldout": [(FixtureTask("rule", cfg, shift=s), 8) for s in heldout_shifts(tuple(cfg.train_shifts))],
+        "rule-heldout": [(FixtureTask("rule", cfg, shift=s), 8) for s in heldout],
     }
     for fam, items in tasks.items():
         rows = [evaluate(model, t, [k], n=n, seed=seed).rows[0] for t, k in items]
@@ -249,12 +282,13 @@ def run_dynamics(
     seq_len: int = 20,
     threshold: float = 0.4,
     min_drop: float = 0.3,
+    heldout: tuple[int, ...] | None = None,
     progress: bool = True,
 ) -> Dynamics:
     """Measure every complete checkpoint of the run in ``run_dir`` (see the module docstring).
 
     Raises:
-        InputError: ``run_dir`` is not a training run, or has no checkpoint.
+        InputError: ``run_dir`` is not a training run, or has no checkpoint; ``heldout`` has a trained shift.
     """
     from tqdm.auto import tqdm
 
@@ -264,14 +298,15 @@ def run_dynamics(
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise InputError(f"{str(run_dir)!r} has no complete checkpoint to measure")
+    heldout = heldout_shifts(tuple(cfg.corpus.train_shifts)) if heldout is None else tuple(heldout)
     measured = []
     for _, folder in tqdm(ckpts, desc="checkpoints", disable=not progress):
         model = load_model(str(folder), device="cpu")
-        measured.append(measure_checkpoint(model, cfg.corpus, n=n, seed=seed, seq_len=seq_len))
+        measured.append(measure_checkpoint(model, cfg.corpus, n=n, seed=seed, seq_len=seq_len, heldout=heldout))
     families = {f: {k: [m["families"][f][k] for m in measured] for k in ("accuracy", "logit_diff")}
                 for f in measured[0]["families"]}  # fmt: skip
     settings = {"n": n, "seed": seed, "seq_len": seq_len, "config": cfg.to_dict(), "versions": versions(),
-                "heldout_shifts": list(heldout_shifts(tuple(cfg.corpus.train_shifts)))}  # fmt: skip
+                "heldout_shifts": list(heldout)}  # fmt: skip
     return Dynamics(
         str(run_dir), tuple(s for s, _ in ckpts), {s: [m["heads"][s] for m in measured] for s in SCORES},
         tuple(m["in_context_score"] for m in measured), families, threshold, min_drop, settings,

@@ -51,7 +51,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def rotation_matrix(cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
     """``R [n, d, d]`` with ``R[i] x = rotate(x, cos[i], sin[i])`` for ``cos``/``sin [n, r]``."""
-    eye = torch.eye(d, dtype=cos.dtype).expand(cos.shape[0], 1, d, d)[:, 0]  # [n, d(basis), d]
+    eye = torch.eye(d, dtype=cos.dtype, device=cos.device).expand(cos.shape[0], 1, d, d)[:, 0]  # [n, d(basis), d]
     return rotate(eye, cos, sin).mT  # column j = R e_j
 
 

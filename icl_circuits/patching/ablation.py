@@ -10,10 +10,10 @@ prompts of one length it is the per-position batch mean, as TransformerLens's
 oriented so that *larger = the model does the behaviour better*:
 
 * :class:`LogitDiff` -- ``logit[answer] - logit[contrast]`` at each prompt's answer position (logits);
-* :class:`InContextGain` -- on ``[BOS, r, r]``: ``early - late`` (nats), the mean next-token loss on
-  the first-copy targets ``r[1..n-1]`` minus that on the second-copy targets (``r[0]`` is
-  unpredictable in both copies); Olsson et al.'s in-context score ``late - early`` with the sign
-  flipped, so positive = the model learns in context.
+* :class:`InContextGain` -- on ``[BOS?, r, r]`` (BOS where the model uses one): ``early - late``
+  (nats), the mean next-token loss on the first-copy targets ``r[1..n-1]`` minus that on the
+  second-copy targets (``r[0]`` is unpredictable in both copies); Olsson et al.'s in-context score
+  ``late - early`` with the sign flipped, so positive = the model learns in context.
 
 So **a negative effect means the head helps** (removing it hurts), 0 that it does not matter.
 
@@ -33,14 +33,21 @@ reproduce (``BaseRun.check`` and the metric's own check) gets tiled full forward
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
-from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations, unembed, unembed_ld
+from icl_circuits.patching.resume import (
+    BaseRun,
+    capture_run,
+    float32_matmul,
+    fused_activations,
+    unembed,
+    unembed_ld,
+)
 from icl_circuits.shapes import Head, all_heads, check_model_heads, model_shape
 from icl_circuits.tasks.scoring import answer_logits, batch_chunks, padded_batch
 
@@ -281,6 +288,8 @@ class AblationSweep:
     minus clean (exactly 0 for receivers at or below the sender's layer, which the ablation cannot
     reach) -- e.g. the causal counterpart of K-composition when the score is the induction stripe.
     ``resumed``: the runs started at the ablated layer (False: full forwards, see the module doc).
+    ``per_example [layer, head, batch]``: each prompt's ``metric(ablated) - metric(clean)`` (``effect`` is
+    its mean over the batch), e.g. for the sampling error of ``effect``.
     """
 
     metric: str
@@ -291,6 +300,7 @@ class AblationSweep:
     pattern_change: torch.Tensor | None = None
     resumed: bool = True
     sign: str = SIGN
+    per_example: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """``metric``, ``unit``, ``sign``, ``clean`` and ``effect`` (nested lists, ``None`` for NaN)."""
@@ -324,6 +334,7 @@ def mean_ablation_sweep(
     atol: float = 1e-4,
     fast_activations: bool = True,
     progress: bool = False,
+    matmul_precision: str | None = None,
 ) -> AblationSweep:
     """Mean-ablate each of ``heads`` (default: all) alone on ``tokens`` and score the runs by ``metric``.
 
@@ -333,6 +344,8 @@ def mean_ablation_sweep(
     layer's ``hook_pattern`` (clean and ablated). ``max_rows``: most rows (copies x batch) per forward.
     ``fast_activations``: GPT-2's tanh-GELU as one fused kernel while sweeping (the same function,
     :func:`icl_circuits.patching.resume.fused_activations`). The caller's tensors are not modified.
+    ``matmul_precision``: torch's float32 matmul precision while sweeping
+    (:func:`icl_circuits.patching.resume.float32_matmul`; ``None``: as set).
 
     Raises:
         InputError: a head outside the model, ``max_rows < 1``, or hook points this bridge lacks.
@@ -341,7 +354,7 @@ def mean_ablation_sweep(
     todo = all_heads(model) if heads is None else check_model_heads(model, heads)
     if max_rows < 1:
         raise InputError(f"max_rows must be >= 1, got {max_rows}")
-    with fused_activations(model, fast_activations):
+    with fused_activations(model, fast_activations), float32_matmul(matmul_precision):
         return _sweep(model, padded, last, metric, todo, means, pattern_score, max_rows, atol, progress)
 
 
@@ -388,6 +401,7 @@ def _sweep(
         resumed = False
 
     effect = torch.full((L, H), float("nan"))
+    per_example = torch.full((L, H, batch), float("nan"))
     change = torch.full((L, H, L, H), float("nan")) if pattern_score is not None else None
     per = max(1, max_rows // batch)
     jobs: list[list[Head]] = []  # adjacent whole layers packed while they fit; a layer larger than a run is split
@@ -397,7 +411,8 @@ def _sweep(
             jobs[-1] += hs
             continue
         jobs += [hs[i : i + per] for i in range(0, len(hs), per)]
-    for chunk in tqdm(jobs, desc=f"mean-ablating heads ({metric.name})", unit="fwd", disable=not progress):
+    bar = tqdm(total=len(todo), desc=f"mean-ablating heads ({metric.name})", unit="head", disable=not progress)
+    for chunk in jobs:
         l0, copies = chunk[0][0], len(chunk)
         recorded: dict[int, torch.Tensor] = {}  # receiver layer -> [copies, head]
 
@@ -420,12 +435,17 @@ def _sweep(
                 logits = model(padded.to(device).repeat(copies, 1))
             values = metric.from_logits(read_positions(logits, metric.positions)).cpu()
             del logits
-        values = values.reshape(copies, batch).mean(1)
+        rows = values.reshape(copies, batch)
+        values = rows.mean(1)
         for i, (l, h) in enumerate(chunk):
             effect[l, h] = float(values[i]) - float(clean.mean())
+            per_example[l, h] = rows[i] - clean
             if change is not None and clean_pattern is not None:
                 change[l, h] = 0.0  # receivers at or below the ablated layer: unreachable
                 for r, score in recorded.items():
                     if r > l:
                         change[l, h, r] = score[i] - clean_pattern[r]
-    return AblationSweep(metric.name, metric.unit, effect, float(clean.mean()), clean_pattern, change, resumed)
+        bar.update(len(chunk))
+    bar.close()
+    return AblationSweep(metric.name, metric.unit, effect, float(clean.mean()), clean_pattern, change, resumed,
+                         per_example=per_example)  # fmt: skip

@@ -53,10 +53,11 @@ from tqdm.auto import tqdm
 
 from icl_circuits.errors import InputError
 from icl_circuits.models.attention import score_vectors
-from icl_circuits.patching.exact import Direction, PatchEffects, check_inputs
+from icl_circuits.patching.exact import Direction, PatchEffects, aligned_slots, check_inputs
 from icl_circuits.patching.resume import fused_activations, unembed_ld
 from icl_circuits.results import PALETTE, Result
 from icl_circuits.shapes import expand_kv
+from icl_circuits.tasks.roles import PromptRoles, RoleSlots
 
 HEAD_ACTIVATIONS = ("z", "q", "k", "v", "pattern")
 ESTIMATORS = ("atp", "atp_qk", "atp_star")
@@ -70,9 +71,9 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     x = x.double().reshape(-1)
     order = torch.argsort(x)
     ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=torch.double)
+    ranks[order] = torch.arange(len(x), dtype=torch.double, device=x.device)
     _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=torch.double).scatter_add_(0, inverse, ranks)
+    sums = torch.zeros(len(counts), dtype=torch.double, device=x.device).scatter_add_(0, inverse, ranks)
     return (sums / counts)[inverse]
 
 
@@ -156,6 +157,7 @@ class AtPResult(Result):
     clean_logit_diff: torch.Tensor
     corrupted_logit_diff: torch.Tensor
     notes: tuple[str, ...] = ()  # what this model did not allow (e.g. no QK split), said in words
+    labels: tuple[str, ...] = ()  # the role slots' names when the position axis is "role"
 
     @property
     def _base_ld(self) -> torch.Tensor:
@@ -167,7 +169,8 @@ class AtPResult(Result):
             raise InputError(f"only the signed estimators 'atp' and 'atp_qk' estimate a patched run, got {kind!r}")
         change = self.atp if kind == "atp" else self.atp_qk
         return PatchEffects(self.activation, self.direction, self.axis_names, self._base_ld + change,
-                            self.clean_logit_diff, self.corrupted_logit_diff, method=kind)  # fmt: skip
+                            self.clean_logit_diff, self.corrupted_logit_diff, method=kind,
+                            labels=self.labels)  # fmt: skip
 
     def magnitude(self) -> PatchEffects:
         """AtP* (unsigned) as :class:`PatchEffects`: patched LD = ``LD_base + sign(mean gap) |change|``, so its
@@ -177,7 +180,8 @@ class AtPResult(Result):
             raise InputError("GradDrop was not computed; call attribution_patch(..., graddrop=True)")
         sign = 1.0 if float((self.clean_logit_diff - self.corrupted_logit_diff).mean()) >= 0 else -1.0
         return PatchEffects(self.activation, self.direction, self.axis_names, self._base_ld + sign * self.atp_star,
-                            self.clean_logit_diff, self.corrupted_logit_diff, method="atp*")  # fmt: skip
+                            self.clean_logit_diff, self.corrupted_logit_diff, method="atp*",
+                            labels=self.labels)  # fmt: skip
 
     def normalised(self, kind: str = "atp_qk") -> torch.Tensor:
         """``[*grid]``: batch-normalised estimated effect, ``mean_b change_b / mean_b (LD_clean - LD_corrupted)``;
@@ -215,12 +219,13 @@ class AtPResult(Result):
         """One row per grid cell: the batch-normalised estimate of each estimator (and ``qk_term``)."""
         import pandas as pd
 
-        cells = self.estimate("atp").cells()
+        est = self.estimate("atp")
+        cells = est.cells()
         cols = {k: self.normalised(k).reshape(-1) for k in ESTIMATORS if k != "atp_star" or self.atp_star is not None}
         if self.qk_term is not None:
             gap = float((self.clean_logit_diff - self.corrupted_logit_diff).mean())
             cols["qk_term"] = self.qk_term.mean(-1).reshape(-1) / gap
-        rows = [{**dict(zip(self.axis_names, c)), **{k: float(v[i]) for k, v in cols.items()}}
+        rows = [{**est.cell_columns(c), **{k: float(v[i]) for k, v in cols.items()}}
                 for i, c in enumerate(cells)]  # fmt: skip
         return pd.DataFrame(rows)
 
@@ -235,6 +240,7 @@ class AtPResult(Result):
             "qk_term": None if self.qk_term is None else self.qk_term.tolist(),
             "clean_logit_diff": self.clean_logit_diff.tolist(),
             "corrupted_logit_diff": self.corrupted_logit_diff.tolist(), "notes": list(self.notes),
+            **({"labels": list(self.labels)} if self.labels else {}),
         }  # fmt: skip
 
     def plot(self, kind: str = "atp_qk") -> Any:
@@ -314,9 +320,14 @@ def _backward_passes(
 
         return hook
 
+    cut_fired: set[str] = set()
+
     def cut(layer: int) -> Callable[..., torch.Tensor | None]:
         def hook(g: torch.Tensor, hook: Any) -> torch.Tensor | None:
-            return torch.zeros_like(g) if state["drop"] == layer else None
+            if state["drop"] != layer:
+                return None
+            cut_fired.add(hook.name)
+            return torch.zeros_like(g)
 
         return hook
 
@@ -325,7 +336,10 @@ def _backward_passes(
     forward_only = ("attn_scores", "rot_q", "rot_k", "hook_cos", "hook_sin", "q_normed", "k_normed")
     bwd_hooks: list[tuple[str, Any]] = [(n, bwd(n)) for n in present if not n.endswith(forward_only)]
     for l in {d for d in drops if d is not None}:
-        bwd_hooks += [(f"blocks.{l}.hook_attn_out", cut(l)), (f"blocks.{l}.hook_mlp_out", cut(l))]
+        for name in (f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"):
+            if name not in model.hook_dict:
+                raise InputError(f"GradDrop cuts layer {l}'s attention and MLP writes, but this model has no {name}")
+            bwd_hooks.append((name, cut(l)))
     if "ln_final.hook_out" in model.hook_dict:  # LD from the final normed residual: no [batch, pos, d_vocab] backward
         fwd_hooks.append(("ln_final.hook_out", lambda x, hook: state.update(normed=x)))
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
@@ -344,6 +358,11 @@ def _backward_passes(
             state["drop"] = drop
             grads.clear()
             torch.autograd.grad(total, state["leaf"], retain_graph=True)
+            missed = [n for n in (f"blocks.{drop}.hook_attn_out", f"blocks.{drop}.hook_mlp_out")
+                      if drop is not None and n not in cut_fired]  # fmt: skip
+            if missed:  # the cut would silently do nothing: the write does not pass through that hook
+                raise InputError(f"GradDrop: the gradient never passed {missed} on this model, so layer {drop}'s "
+                                 "writes cannot be cut there; use graddrop=False")  # fmt: skip
             consume(drop, dict(grads), acts)
     return ld.detach().float()
 
@@ -465,21 +484,32 @@ def attribution_patch(
     graddrop: bool = True,
     fast_activations: bool = True,
     progress: bool = False,
+    roles: PromptRoles | RoleSlots | None = None,
+    same_layout: bool = False,
 ) -> AtPResult:
     """AtP, AtP with the QK fix and AtP* (GradDrop) estimates for every head of ``activation``.
 
     Arguments as :func:`icl_circuits.patching.exact.activation_patch` (same grid: ``(layer, head)``, or
     ``(layer, pos, head)`` with ``per_position``; ``k``/``v`` per key/value head); ``activation`` is
     one of ``z``, ``q``, ``k``, ``v``, ``pattern``. ``graddrop=False`` skips the ``L`` extra backwards;
-    ``fast_activations`` as in :func:`~icl_circuits.patching.exact.activation_patch`.
+    ``fast_activations``, ``roles`` and ``same_layout`` as in
+    :func:`~icl_circuits.patching.exact.activation_patch`: with ``per_position`` and ``roles`` the grid is
+    ``(layer, role, head)``, each slot's estimate the sum of its positions' estimates per prompt -- AtP's
+    linear estimate of patching them together; with the QK fix (``q``/``k``) the per-position fixes
+    summed, not one joint fix (``notes`` says so); AtP*'s GradDrop
+    magnitude is taken of that sum, per dropped layer.
 
     Raises:
-        InputError: malformed inputs, or (QK fix) attention that is not ``softmax(q.k/sqrt(d)) @ v``.
+        InputError: malformed inputs, (QK fix) attention that is not ``softmax(q.k/sqrt(d)) @ v``, or
+            per-position estimates of prompts whose positions do not align (different lengths, no ``roles``).
     """
     if activation not in HEAD_ACTIVATIONS:
         raise InputError(f"activation must be one of {HEAD_ACTIVATIONS}, got {activation!r}")
     positions = check_inputs(model, clean_tokens, corrupted_tokens, answer_tokens, contrast_tokens,
                              answer_positions, direction)  # fmt: skip
+    slots = None
+    if per_position:
+        slots = aligned_slots(roles, positions, tuple(clean_tokens.shape), f"AtP of {activation}", same_layout)
     n_layers = int(model.cfg.n_layers)
     if graddrop and n_layers < 2:
         raise InputError("GradDrop needs at least 2 layers (it averages over the other layers); pass graddrop=False")
@@ -530,10 +560,21 @@ def attribution_patch(
             qk.append(term)
         terms = [t for t in qk if t is not None]
         results[drop] = (
-            torch.stack(lin) if lin else torch.empty(0, device=fixed[0].device),
-            torch.stack(fixed),
+            by_slot(torch.stack(lin)) if lin else torch.empty(0, device=fixed[0].device),
+            by_slot(torch.stack(fixed)),
             torch.stack(terms) if len(terms) == n_layers else None,
         )
+
+    def by_slot(t: torch.Tensor) -> torch.Tensor:
+        """``[layer, batch, pos, head] -> [layer, batch, slot, head]``: each slot's positions summed per prompt."""
+        if slots is None:
+            return t
+        onehot = torch.stack([slots.mask(s) for s in range(len(slots))], -1).to(t)  # [batch, pos, slot]
+        return torch.einsum("lbph,bps->lbsh", t, onehot)
+
+    if slots is not None and activation in ("q", "k"):
+        notes.append(f"per role: the QK-fixed estimates of a slot's positions are summed (each fixed alone), not "
+                     f"one joint fix of patching the slot's {activation} together")  # fmt: skip
 
     drops: list[int | None] = [None, *(range(n_layers) if graddrop else [])]
     with fused_activations(model, fast_activations):
@@ -552,7 +593,7 @@ def attribution_patch(
     return AtPResult(
         activation=activation,
         direction=direction,
-        axis_names=("layer", "pos", "head") if per_position else ("layer", "head"),
+        axis_names=("layer", "pos" if slots is None else "role", "head") if per_position else ("layer", "head"),
         atp=grid(lin),
         atp_qk=grid(fixed),
         atp_star=None if star is None else grid(star),
@@ -560,4 +601,5 @@ def attribution_patch(
         clean_logit_diff=clean_ld,
         corrupted_logit_diff=corrupted_ld,
         notes=tuple(notes),
+        labels=slots.names if slots is not None else (),
     )

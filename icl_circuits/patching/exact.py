@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from icl_circuits.errors import InputError
 from icl_circuits.patching.resume import BaseRun, capture_run, fused_activations
 from icl_circuits.results import Result
+from icl_circuits.tasks.roles import PromptRoles, RoleSlots, role_slots
 
 ACTIVATIONS = ("z", "q", "k", "v", "pattern", "resid_pre")
 DIRECTIONS = ("denoising", "noising")
@@ -61,9 +62,11 @@ class PatchEffects(Result):
     """Logit differences of patched runs, per grid cell and example, with their two baselines.
 
     ``patched_logit_diff [*grid, batch]`` over the axes ``axis_names`` (``("layer", "head")``,
-    ``("layer", "pos", "head")`` or ``("layer", "pos")``); ``clean_logit_diff`` and
-    ``corrupted_logit_diff [batch]``. ``method`` is ``"exact"`` for activation patching, or the
-    name of the estimator when :mod:`icl_circuits.patching.atp` fills it with estimated logit differences.
+    ``("layer", "pos", "head")`` or ``("layer", "pos")``; ``"role"`` in place of ``"pos"`` when positions
+    are aligned by role, :class:`~icl_circuits.tasks.roles.RoleSlots`, then ``labels [role]`` names each
+    slot); ``clean_logit_diff`` and ``corrupted_logit_diff [batch]``. ``method`` is ``"exact"`` for
+    activation patching, or the name of the estimator when :mod:`icl_circuits.patching.atp` fills it with
+    estimated logit differences.
     """
 
     activation: str
@@ -73,6 +76,8 @@ class PatchEffects(Result):
     clean_logit_diff: torch.Tensor
     corrupted_logit_diff: torch.Tensor
     method: str = "exact"
+    labels: tuple[str, ...] = ()  # the role slots' names when an axis is "role"
+    notes: tuple[str, ...] = ()  # what the run could not do as planned (e.g. a shortcut that raised), in words
 
     title = "Activation patching"
 
@@ -115,10 +120,10 @@ class PatchEffects(Result):
         batch = int(self.patched_logit_diff.shape[-1])
         gen = torch.Generator().manual_seed(int(seed))
         idx = torch.randint(batch, (n_resamples, batch), generator=gen)
-        counts = torch.zeros(n_resamples, batch).scatter_add_(1, idx, torch.ones(n_resamples, batch))
-        stats = self._ratio_of_means(counts.to(self.patched_logit_diff.dtype))
+        counts = torch.zeros(n_resamples, batch).scatter_add_(1, idx, torch.ones(n_resamples, batch))  # cpu: seeded
+        stats = self._ratio_of_means(counts.to(self.patched_logit_diff))  # on the results' device and dtype
         alpha = (1.0 - confidence) / 2
-        q = torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype)
+        q = torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype, device=stats.device)
         low, high = torch.quantile(stats, q, dim=-1)
         return low, high
 
@@ -127,11 +132,19 @@ class PatchEffects(Result):
         names = dict(zip(self.axis_names, cell))
         out = f"L{names['layer']}" if "layer" in names else ""
         out += f"H{names['head']}" if "head" in names else ""
+        out += f" {self.labels[names['role']]}" if "role" in names else ""
         return out + (f" pos {names['pos']}" if "pos" in names else "")
 
     def cells(self) -> list[tuple[int, ...]]:
         """Every grid index, in row-major order."""
         return list(itertools.product(*(range(s) for s in self.grid_shape)))
+
+    def cell_columns(self, cell: tuple[int, ...]) -> dict[str, Any]:
+        """A cell's axis indices, plus the slot's name (``slot``) on a ``role`` axis."""
+        cols: dict[str, Any] = dict(zip(self.axis_names, cell))
+        if "role" in cols:
+            cols["slot"] = self.labels[cols["role"]]
+        return cols
 
     def to_dataframe(self, per_example: bool = False, seed: int = 0) -> Any:
         """One row per grid cell (``mean``, ``effect``, 95% bootstrap ``ci_low``/``ci_high``), or with
@@ -143,7 +156,7 @@ class PatchEffects(Result):
             ld = self.patched_logit_diff.reshape(len(cells), -1)
             norm = self.per_example().reshape(len(cells), -1)
             rows = [
-                {**dict(zip(self.axis_names, c)), "example": b, "logit_diff": float(ld[i, b]),
+                {**self.cell_columns(c), "example": b, "logit_diff": float(ld[i, b]),
                  "normalised": float(norm[i, b])}
                 for i, c in enumerate(cells) for b in range(ld.shape[1])
             ]  # fmt: skip
@@ -151,7 +164,7 @@ class PatchEffects(Result):
         mean, effect = self.mean().reshape(-1), self.effect().reshape(-1)
         low, high = (t.reshape(-1) for t in self.bootstrap_ci(seed=seed))
         rows = [
-            {**dict(zip(self.axis_names, c)), "mean": float(mean[i]), "effect": float(effect[i]),
+            {**self.cell_columns(c), "mean": float(mean[i]), "effect": float(effect[i]),
              "ci_low": float(low[i]), "ci_high": float(high[i])}
             for i, c in enumerate(cells)
         ]  # fmt: skip
@@ -162,16 +175,17 @@ class PatchEffects(Result):
         import plotly.graph_objects as go
 
         eff = self.effect().detach().float()
-        if self.axis_names == ("layer", "pos", "head"):
+        if len(self.axis_names) == 3:  # (layer, pos or role, head)
             n_l, n_p, n_h = eff.shape
             z = eff.permute(0, 2, 1).reshape(n_l * n_h, n_p)
             y = [f"L{l}H{h}" for l in range(n_l) for h in range(n_h)]
-            x = [str(p) for p in range(n_p)]
-            x_title, y_title = "position", "head"
+            x = list(self.labels) if self.labels else [str(p) for p in range(n_p)]
+            x_title, y_title = "role" if self.labels else "position", "head"
         else:
             z = eff
             y = [f"L{l}" for l in range(eff.shape[0])]
-            x = [f"H{i}" if self.axis_names[1] == "head" else str(i) for i in range(eff.shape[1])]
+            x = (list(self.labels) if self.axis_names[1] == "role"
+                 else [f"H{i}" if self.axis_names[1] == "head" else str(i) for i in range(eff.shape[1])])  # fmt: skip
             x_title, y_title = self.axis_names[1], "layer"
         bound = float(z.abs().max()) or 1.0
         fig = go.Figure(go.Heatmap(z=z.numpy(), x=x, y=y, colorscale="RdBu", zmid=0.0, zmin=-bound, zmax=bound,
@@ -212,6 +226,7 @@ class PatchEffects(Result):
             "axis_names": list(self.axis_names), "patched_logit_diff": self.patched_logit_diff.tolist(),
             "clean_logit_diff": self.clean_logit_diff.tolist(),
             "corrupted_logit_diff": self.corrupted_logit_diff.tolist(), "mean": self.mean().tolist(),
+            **({"labels": list(self.labels)} if self.labels else {}), "notes": list(self.notes),
         }  # fmt: skip
 
 
@@ -247,7 +262,7 @@ def check_inputs(
     if bool((answer_tokens == contrast_tokens).any()):
         raise InputError("an answer token equals its contrast token: the logit difference would be 0")
     if answer_positions is None:
-        return torch.full((batch,), n_pos - 1, dtype=torch.long)
+        return torch.full((batch,), n_pos - 1, dtype=torch.long)  # cpu: positions index, like the tokens
     if answer_positions.shape != (batch,) or int(answer_positions.min()) < 0 or int(answer_positions.max()) >= n_pos:
         raise InputError(f"answer_positions must be [batch={batch}] with values in 0..{n_pos - 1}")
     return answer_positions.long()
@@ -257,14 +272,20 @@ def _hook_name(activation: str, layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre" if activation == "resid_pre" else f"blocks.{layer}.attn.hook_{activation}"
 
 
-def _cells(activation: str, per_position: bool, act: torch.Tensor) -> tuple[tuple[str, ...], list[tuple[int, ...]]]:
-    """Axis names (after ``layer``) and the cells of one layer for ``act [batch, ...]``."""
+def _cells(
+    activation: str, per_position: bool, act: torch.Tensor, slots: RoleSlots | None = None
+) -> tuple[tuple[str, ...], list[tuple[int, ...]]]:
+    """Axis names (after ``layer``) and the cells of one layer for ``act [batch, ...]``; with ``slots`` the
+    position axis is ``role`` (one cell per slot, covering that slot's positions in every prompt)."""
+    pos_axis = "pos" if slots is None else "role"
     if activation == "resid_pre":
-        return ("pos",), [(p,) for p in range(act.shape[1])]
+        return (pos_axis,), [(p,) for p in range(act.shape[1] if slots is None else len(slots))]
     n_heads = act.shape[1] if activation == "pattern" else act.shape[2]
     n_pos = act.shape[2] if activation == "pattern" else act.shape[1]
+    if slots is not None:
+        n_pos = len(slots)
     if per_position:
-        return ("pos", "head"), [(p, h) for p in range(n_pos) for h in range(n_heads)]
+        return (pos_axis, "head"), [(p, h) for p in range(n_pos) for h in range(n_heads)]
     return ("head",), [(h,) for h in range(n_heads)]
 
 
@@ -277,34 +298,63 @@ def _index(activation: str, cell: tuple[int, ...]) -> tuple[Any, ...]:
     return (slice(None), slice(None), cell[0]) if len(cell) == 1 else (slice(None), cell[0], cell[1])
 
 
-def _patch_hook(activation: str, cells: list[tuple[int, ...]], src: torch.Tensor, batch: int) -> Any:
+def _region(activation: str, cell: tuple[int, ...], slots: RoleSlots, act: torch.Tensor) -> torch.Tensor:
+    """Bool mask broadcastable to ``act [batch, ...]``: what a patch of the role cell ``cell`` overwrites --
+    the slot's positions in each prompt (``[batch, pos]``, rows of their own length), at one head."""
+    at = slots.mask(cell[0]).to(act.device)  # [batch, pos]
+    if activation == "resid_pre":
+        return at[:, :, None]
+    heads = torch.arange(act.shape[1] if activation == "pattern" else act.shape[2], device=act.device) == cell[1]
+    if activation == "pattern":  # [batch, head, dest, src]: the slot's destination rows
+        return heads[None, :, None, None] & at[:, None, :, None]
+    return at[:, :, None, None] & heads[None, None, :, None]  # [batch, pos, head, d]
+
+
+def _patch_hook(
+    activation: str, cells: list[tuple[int, ...]], src: torch.Tensor, batch: int, slots: RoleSlots | None = None
+) -> Any:
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
         act = act.clone()
         for i, cell in enumerate(cells):
+            rows = slice(i * batch, (i + 1) * batch)
+            if slots is not None:
+                act[rows] = torch.where(_region(activation, cell, slots, src), src, act[rows])
+                continue
             ix = _index(activation, cell)
-            act[(slice(i * batch, (i + 1) * batch), *ix[1:])] = src[ix]
+            act[(rows, *ix[1:])] = src[ix]
         return act
 
     return hook
 
 
 def _run_patched(
-    base: BaseRun, source: BaseRun, activation: str, name: str, layer: int, cells: list[tuple[int, ...]]
+    base: BaseRun,
+    source: BaseRun,
+    activation: str,
+    name: str,
+    layer: int,
+    cells: list[tuple[int, ...]],
+    slots: RoleSlots | None = None,
 ) -> torch.Tensor:
     """``[len(cells) * batch]``: one copy of the base batch per cell, each with that cell patched."""
     batch = base.batch
     x = base.resid(layer).repeat(len(cells), 1, 1)
     hooks: list[tuple[str, Any]] = []
     if activation == "resid_pre":
-        for k, (p,) in enumerate(cells):
-            x[k * batch : (k + 1) * batch, p] = source.resid(layer)[:, p]
+        src = source.resid(layer)
+        for k, cell in enumerate(cells):
+            rows = slice(k * batch, (k + 1) * batch)
+            if slots is not None:
+                x[rows] = torch.where(_region(activation, cell, slots, src), src, x[rows])
+            else:
+                x[rows, cell[0]] = src[:, cell[0]]
     else:
-        hooks = [(name, _patch_hook(activation, cells, source.acts[name], batch))]
+        hooks = [(name, _patch_hook(activation, cells, source.acts[name], batch, slots))]
     return base.logit_diff_from(layer, x, hooks)
 
 
 def _mid_with_heads(
-    model: Any, base: BaseRun, source: BaseRun, layer: int, cells: list[tuple[int, ...]]
+    model: Any, base: BaseRun, source: BaseRun, layer: int, cells: list[tuple[int, ...]], slots: RoleSlots | None = None
 ) -> torch.Tensor:
     """Base mid-residuals of ``layer``, one copy per cell, plus ``(z_source - z_base)[cell] @ W_O[head]``."""
     batch, name = base.batch, f"blocks.{layer}.attn.hook_z"
@@ -315,9 +365,59 @@ def _mid_with_heads(
         rows = slice(k * batch, (k + 1) * batch)
         if len(cell) == 1:
             x[rows] += delta[:, :, cell[0]] @ w_o[cell[0]]
+        elif slots is not None:
+            at = slots.mask(cell[0]).to(delta.device)[:, :, None]
+            x[rows] += (delta[:, :, cell[1]] * at) @ w_o[cell[1]]
         else:
             x[rows, cell[0]] += delta[:, cell[0], cell[1]] @ w_o[cell[1]]
     return x
+
+
+def _unchanged(activation: str, cell: tuple[int, ...], src: torch.Tensor, own: torch.Tensor,
+               slots: RoleSlots | None) -> bool:
+    """Whether patching ``cell`` copies a value equal to the base run's (the identity)."""
+    if slots is None:
+        ix = _index(activation, cell)
+        return torch.equal(src[ix], own[ix])
+    if len(cell) == 1 and activation != "resid_pre":  # a whole head: not a role cell
+        ix = _index(activation, cell)
+        return torch.equal(src[ix], own[ix])
+    return not bool(((src != own) & _region(activation, cell, slots, src)).any())
+
+
+def aligned_slots(
+    roles: PromptRoles | RoleSlots | None,
+    positions: torch.Tensor,
+    shape: tuple[int, ...],
+    what: str,
+    same_layout: bool = False,
+) -> RoleSlots | None:
+    """The role slots of a per-position result over ``[batch, pos]`` prompts, or ``None`` (plain positions).
+
+    Without ``roles`` prompts must all end at the same position (so the one layout TransformerLens
+    assumes is at least plausible) unless the caller declares ``same_layout`` (index ``p`` is the same
+    thing in every prompt, e.g. random tokens); prompts of different lengths are refused otherwise: index
+    ``p`` would mean different pieces of different prompts.
+
+    Raises:
+        InputError: no ``roles`` for prompts of different lengths; roles of another shape; roles whose
+            prompts have different pieces (:func:`~icl_circuits.tasks.roles.role_slots`).
+    """
+    if roles is not None and same_layout:
+        raise InputError("pass roles= (align by role) or same_layout=True (align by position index), not both")
+    if roles is None:
+        if not same_layout and bool((positions != positions[0]).any()):
+            raise InputError(
+                f"{what} per position: the prompts differ in token length (answer positions "
+                f"{int(positions.min())}..{int(positions.max())}), so position index p means different roles in "
+                "different prompts; pass roles= (tasks.roles) to align positions by role, or same_layout=True if "
+                "index p is the same piece of every prompt"
+            )
+        return None
+    slots = roles if isinstance(roles, RoleSlots) else role_slots(roles)
+    if tuple(slots.index.shape) != tuple(shape):
+        raise InputError(f"roles cover {list(slots.index.shape)} positions, the tokens are {list(shape)}")
+    return slots
 
 
 def activation_patch(
@@ -334,6 +434,8 @@ def activation_patch(
     max_rows: int = 256,
     fast_activations: bool = True,
     progress: bool = True,
+    roles: PromptRoles | RoleSlots | None = None,
+    same_layout: bool = False,
 ) -> PatchEffects:
     """Patch every cell of ``activation`` exactly; the logit difference of each patched run, per example.
 
@@ -349,10 +451,18 @@ def activation_patch(
         max_rows: most sequences in one resumed forward (patches x batch), bounding memory.
         fast_activations: run GPT-2's tanh-GELU as one fused kernel (the same function; see
             :func:`icl_circuits.patching.resume.fused_activations`); ``False`` keeps the model's own modules.
+        roles: with ``per_position``, align positions by role (:class:`~icl_circuits.tasks.roles.PromptRoles`
+            of the prompts, or their :class:`~icl_circuits.tasks.roles.RoleSlots`): the grid's position axis
+            becomes ``role``, one cell per slot (``d2 demo_label``, ``query_key``...), and a patch covers that
+            slot's positions in every prompt, whatever their token length there. Needed for prompts of
+            different lengths (refused otherwise, see :func:`aligned_slots`).
+        same_layout: with ``per_position`` and no ``roles``, declare that index ``p`` is the same piece of
+            every prompt (random tokens, hand-aligned batches), so prompts of different lengths are accepted.
 
     Raises:
         InputError: malformed tokens/answers, unknown activation or direction, a model in training
-            mode, or an architecture whose blocks cannot be resumed from cached inputs.
+            mode, an architecture whose blocks cannot be resumed from cached inputs, or per-position
+            patching of prompts whose positions do not align (different lengths, no ``roles``).
     """
     if activation not in ACTIVATIONS:
         raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -362,9 +472,12 @@ def activation_patch(
         raise InputError(f"max_rows must be >= 1, got {max_rows}")
     positions = check_inputs(model, clean_tokens, corrupted_tokens, answer_tokens, contrast_tokens,
                              answer_positions, direction)  # fmt: skip
+    slots = None
+    if per_position:
+        slots = aligned_slots(roles, positions, tuple(clean_tokens.shape), f"patching {activation}", same_layout)
     with fused_activations(model, fast_activations):
         return _sweep(model, clean_tokens, corrupted_tokens, answer_tokens, contrast_tokens, activation,
-                      per_position, direction, positions, max_rows, progress)  # fmt: skip
+                      per_position, direction, positions, max_rows, progress, slots)  # fmt: skip
 
 
 def _sweep(
@@ -379,6 +492,7 @@ def _sweep(
     positions: torch.Tensor,
     max_rows: int,
     progress: bool,
+    slots: RoleSlots | None = None,
 ) -> PatchEffects:
     n_layers = int(model.cfg.n_layers)
     names = [_hook_name(activation, l) for l in range(n_layers)]
@@ -387,15 +501,14 @@ def _sweep(
     base, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     base.check()
     batch = base.batch
-    sub_axes, layer_cells = _cells(activation, per_position, base.acts[names[0]])
+    sub_axes, layer_cells = _cells(activation, per_position, base.acts[names[0]], slots)
     out = torch.empty(n_layers, len(layer_cells), batch, device=base.logit_diff.device)  # the model's device
     jobs: list[tuple[int, list[int]]] = []
     for l in range(n_layers):
         src, own = source.acts[names[l]], base.acts[names[l]]
         todo = []
         for i, cell in enumerate(layer_cells):
-            ix = _index(activation, cell)
-            if torch.equal(src[ix], own[ix]):
+            if _unchanged(activation, cell, src, own, slots):
                 out[l, i] = base.logit_diff  # copying an equal value is the identity
             else:
                 todo.append(i)
@@ -406,13 +519,13 @@ def _sweep(
     for j, (l, chunk) in enumerate(tqdm(jobs, desc=f"patching {activation}", unit="fwd", disable=not progress)):
         cells = [layer_cells[i] for i in chunk]
         if use_mid:  # a head's output enters the residual as z @ W_O: start after the layer's attention
-            ld = base.logit_diff_from(l, _mid_with_heads(model, base, source, l, cells), mid=True)
+            ld = base.logit_diff_from(l, _mid_with_heads(model, base, source, l, cells, slots), mid=True)
             if j == 0:  # verify the shortcut on this model against patching hook_z, once
-                exact = _run_patched(base, source, activation, names[l], l, cells)
+                exact = _run_patched(base, source, activation, names[l], l, cells, slots)
                 if float((ld - exact).abs().max()) > 1e-4 * (1.0 + float(exact.abs().max())):
                     use_mid, ld = False, exact
         else:
-            ld = _run_patched(base, source, activation, names[l], l, cells)
+            ld = _run_patched(base, source, activation, names[l], l, cells, slots)
         out[l, chunk] = ld.reshape(len(cells), batch).float()
     grid = (n_layers, *(len({c[k] for c in layer_cells}) for k in range(len(sub_axes))))
     return PatchEffects(
@@ -422,4 +535,6 @@ def _sweep(
         patched_logit_diff=out.reshape(*grid, batch),
         clean_logit_diff=clean.logit_diff,
         corrupted_logit_diff=corrupted.logit_diff,
+        labels=slots.names if slots is not None else (),
+        notes=(base.shortcut_note,) if base.shortcut_note else (),
     )

@@ -52,6 +52,7 @@ class CorpusConfig:
     max_demos: int = 12
     train_shifts: tuple[int, ...] = (1, 2, 3, 4, 5)
     n_recorded: int = 2
+    zipf_exponent: float = 0.0  # which recorded map a sequence uses: P(j) ~ (j + 1)^-a; 0 = uniform
     noise_rate: float = 0.05
     segment_len: tuple[int, int] = (4, 23)
     recorded_seed: int = 1234  # fixes the recorded permutations (part of the "record")
@@ -79,6 +80,22 @@ def recorded_maps(cfg: CorpusConfig) -> list[dict[str, str]]:
             continue
         maps.append({k: LETTERS[int(j)] for k, j in zip(LETTERS, perm)})
     return maps
+
+
+def recorded_weights(cfg: CorpusConfig) -> np.ndarray:
+    """``[n_recorded]``: the probability of each recorded map, Zipfian ``P(j) = (j + 1)^-a / Z`` with
+    ``a = zipf_exponent`` (Chan et al. 2022's skewed class distribution; ``a = 0`` is uniform)."""
+    w = np.arange(1, cfg.n_recorded + 1, dtype=float) ** -float(cfg.zipf_exponent)
+    return w / w.sum()
+
+
+def recorded_index(rng: np.random.Generator, cfg: CorpusConfig) -> int:
+    """Which recorded map a sequence uses, drawn from :func:`recorded_weights`. ``zipf_exponent == 0``
+    draws exactly as before the knob existed (``rng.integers``), so the committed fixtures' corpora are
+    unchanged."""
+    if not cfg.zipf_exponent:
+        return int(rng.integers(cfg.n_recorded))
+    return int(rng.choice(cfg.n_recorded, p=recorded_weights(cfg)))
 
 
 def shift_map(shift: int) -> dict[str, str]:
@@ -138,7 +155,7 @@ def sample_episode(
             s = int(rng.choice(cfg.train_shifts)) if shift is None else shift
             mapping, mapping_name = shift_map(s), f"shift{s}"
         else:
-            j = int(rng.integers(cfg.n_recorded))
+            j = recorded_index(rng, cfg)
             mapping, mapping_name = recorded_maps(cfg)[j], f"recorded{j}"
     keys = [LETTERS[int(i)] for i in rng.permutation(len(LETTERS))]
     if family == "bound" and n_demos > 0:

@@ -23,24 +23,31 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "fixture": {
         "evaluate": {"n": 100},
         "attribute": {"n": 32, "shots": 8},
-        "fast-weights": {"n": 64, "shots": 8},
+        "fast-weights": {"n": 64, "shots": 8, "layer_stride": 1, "n_random": 5},
         "order": {"n": 8, "shots": 5},
         "shots-and-noise": {"n": 64},
         "unseen-task": {"n": 48},
         "repetition": {"n": 64, "shots": 4},
-        "label-binding": {"n": 64, "shots": 6},
+        "label-binding": {"n": 64, "shots": 6, "scan_ablation": True},
         "information-flow": {"n": 32, "shots": 6},
+        "head-scan": {"ablation_batch": None},  # None: the sweep uses every scan sequence
     },
     "language": {
         "evaluate": {"n": 40},
         "attribute": {"n": 8, "shots": 4},
-        "fast-weights": {"n": 16, "shots": 4},
+        # the transplant sweeps every 3rd layer with 3 random controls: its cost is (layers + 1) x (2 + n_random)
+        # forwards of all the task's zero-shot prompts per fold, whatever n (about 4x less than every layer x 5)
+        "fast-weights": {"n": 16, "shots": 4, "layer_stride": 3, "n_random": 3},
         "order": {"n": 4, "shots": 4},
         "shots-and-noise": {"n": 24},
         "unseen-task": {"n": 24},
         "repetition": {"n": 16, "shots": 4},
-        "label-binding": {"n": 24, "shots": 4},
+        # the head scan that names the heads to ablate skips its ablation sweep (one resumed forward per head, 270
+        # on SmolLM2): the induction role then rests on the induction and copying scores (RoleThresholds)
+        "label-binding": {"n": 24, "shots": 4, "scan_ablation": False},
         "information-flow": {"n": 8, "shots": 4},
+        # the sweep costs ~ablation_batch forwards of the upper layers per head (README "Measured speed")
+        "head-scan": {"ablation_batch": 4},
     },
 }
 

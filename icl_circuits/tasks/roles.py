@@ -175,3 +175,55 @@ def render_examples(
             f"longer than the model's context ({model.cfg.n_ctx})"
         )
     return tokens, roles_from_prompts(model, ps, checked.template), ps.answer_ids, ps.contrast_ids
+
+
+@dataclass(frozen=True)
+class RoleSlots:
+    """Positions grouped by role across prompts of different token layouts.
+
+    A *slot* is one (role, demo) piece of the prompt: ``template``, ``d1 demo_key``, ``d1 demo_arrow``,
+    ``d1 demo_label``, ``d1 demo_sep``, ..., ``query_key``, ``query_arrow``. ``index [batch, pos]`` gives each
+    position's slot (-1 for padding), so slot ``s`` is ``index == s`` in every prompt: the same piece of the
+    prompt, however many tokens it takes there (with a real tokenizer inputs and labels differ in length,
+    so one position index would fall on different pieces in different prompts). ``names [slot]``.
+    """
+
+    names: tuple[str, ...]
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def mask(self, slot: int) -> torch.Tensor:
+        """``[batch, pos]`` bool: the positions of ``slot`` in each prompt."""
+        return self.index == slot
+
+
+def slot_name(role: int, demo: int) -> str:
+    """``d2 demo_label`` for a demo role (demos numbered 1..k as in every report), else the role name."""
+    return f"d{demo + 1} {ROLE_NAMES[role]}" if demo >= 0 else ROLE_NAMES[role]
+
+
+def role_slots(roles: PromptRoles) -> RoleSlots:
+    """The (role, demo) slots of ``roles`` in prompt order (see :class:`RoleSlots`).
+
+    Raises:
+        InputError: prompts that do not all have the same pieces (e.g. different numbers of demos, or a
+            template prefix in some only): then no slot means one thing in every prompt.
+    """
+    keys = [(r, d) for r, d in zip(roles.roles[0].tolist(), roles.demo_index[0].tolist()) if r >= 0]
+    order = list(dict.fromkeys(keys))  # the first prompt's pieces, in order
+    slot_of = {k: i for i, k in enumerate(order)}
+    index = torch.full(roles.roles.shape, -1, dtype=torch.long)
+    for b in range(roles.roles.shape[0]):
+        row = [(r, d) for r, d in zip(roles.roles[b].tolist(), roles.demo_index[b].tolist())]
+        pieces = list(dict.fromkeys(k for k in row if k[0] >= 0))
+        if pieces != order:
+            missing = sorted({slot_name(*k) for k in set(order) ^ set(pieces)})
+            raise InputError(
+                f"prompt {b} has different pieces from prompt 0 ({', '.join(missing) or 'another order'}): positions "
+                "cannot be aligned by role; use prompts with the same number of demos and the same template"
+            )
+        index[b] = torch.tensor([slot_of[k] if k[0] >= 0 else -1 for k in row], dtype=torch.long)
+    return RoleSlots(tuple(slot_name(r, d) for r, d in order), index)
+

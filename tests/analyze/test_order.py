@@ -38,3 +38,20 @@ def test_demo_set_queries(fixture_like):
     bound = FixtureTask("bound")
     demos = bound.draw(rng, 4).demos
     assert set(demo_set_queries(check_task(model, bound), bound, demos, 8, rng)) == set(demos)
+
+
+@pytest.mark.fixture
+def test_reading_at_chance_reads_no_order_effect(fixture_like):
+    """An untrained model is at chance: the reading says so and names no head; above chance it reads both."""
+    from dataclasses import replace
+
+    from icl_circuits.analyze.order import run_order
+
+    model, _ = fixture_like
+    r = run_order(model, seed=0, n=2, n_orders=4, queries=3, shots=3, tasks=["fixture-bound"], progress=False)
+    assert r.at_chance("fixture-bound")
+    text = r.findings()["reading"]
+    assert "is at chance" in text and "Heads whose attribution" not in text and r.findings()["top_head"] is None
+    learnt = replace(r, rows=tuple({**row, "label_accuracy": 0.9 + 0.02 * row["order"]} for row in r.rows))
+    assert not learnt.at_chance("fixture-bound") and "Heads whose attribution moves most" in learnt._reading(
+        "fixture-bound") and learnt.findings()["top_head"] is not None

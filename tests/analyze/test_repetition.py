@@ -35,3 +35,17 @@ def test_rows_equal_plain_forwards_of_the_repeated_prompts(fixture_like):
         assert row["logit_diff"] == pytest.approx(float((final[rows, answer] - final[rows, contrast]).mean()), abs=1e-4)
         assert row["prob"] == pytest.approx(float(final.softmax(-1)[rows, answer].mean()), abs=1e-6)
         assert row["unchanged"] == pytest.approx(float((pred == first).float().mean()))
+
+
+def test_reading_at_chance_reads_no_repetition_effect(fixture_like):
+    """At chance at every r the reading says so instead of reading the change; above chance it reads it."""
+    from dataclasses import replace
+
+    model, _ = fixture_like
+    r = run_repetition(model, seed=1, n=5, tasks=["fixture-bound"], repeats=(1, 2), fast_weights=False,
+                       progress=False)  # fmt: skip
+    assert r.at_chance("fixture-bound") and r.findings()["at_chance"] is True
+    assert "at chance" in r.findings()["reading"] and "not read" in r.findings()["reading"]
+    learnt = replace(r, rows=tuple({**row, "accuracy": 1.0} for row in r.rows))
+    assert not learnt.at_chance("fixture-bound") and "not read" not in learnt.findings()["reading"]
+    assert "accuracy stays at 1.00" in learnt.findings()["reading"]

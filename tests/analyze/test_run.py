@@ -12,7 +12,7 @@ from icl_circuits import InputError, TaskError
 from icl_circuits.analyze import ANALYSES, Analysis, get_analysis, run_analysis, save_analysis
 from icl_circuits.tasks.prompts import check_task
 from icl_circuits.tasks.registry import get_task
-from tests.helpers import ROOT
+from tests.helpers import REMOTE_SCRIPT, ROOT
 
 SMALL = {  # small settings per analysis so each runs in seconds on the 2-layer random model
     "shots-and-noise": {"n": 8, "shots": (0, 2, 4), "noise": (0.0, 0.5), "noise_shots": 4},
@@ -137,35 +137,82 @@ def test_scripts_wrap_the_cli(monkeypatch, capsys):
     assert out.returncode == 0 and "--model" in out.stdout and "--seed" in out.stdout
 
 
-@pytest.mark.fixture
+@pytest.mark.real_model
+@pytest.mark.slow  # a kernel that loads SmolLM2 (~20 s) and runs the real-model section at n=4
 def test_tour_notebook_executes(fixture_like, tmp_path, monkeypatch):
-    """``analyses/tour.ipynb`` runs top to bottom (here on the small random model, few prompts)."""
+    """``analyses/tour.ipynb`` runs top to bottom: sections 1-7 on the small random model with few prompts,
+    section 8 on SmolLM2-135M (``smollm2-135m``, loaded in the kernel) with 4 prompts per condition."""
     import nbformat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("ICL_TOUR_MODEL", str(fixture_like[1]))
     monkeypatch.setenv("ICL_TOUR_N", "4")
     monkeypatch.setenv("ICL_TOUR_OUT", str(tmp_path / "tour"))
+    monkeypatch.setenv("PLOTLY_RENDERER", "plotly_mimetype+notebook")  # the README's HTML-export renderer
+    monkeypatch.setenv("ICL_TOUR_REAL_N", "4")
     nb = nbformat.read(ROOT / "analyses" / "tour.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert errors == []
     assert len(list((tmp_path / "tour").glob("*.html"))) == 6
+    # each figure also as HTML (what an nbconvert --to html export shows where plotly's JSON is not rendered)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "data" in o]
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o["data"]]
+    assert len(figures) >= 6 and all("Plotly.newPlot" in o["data"].get("text/html", "") for o in figures)
+    assert [p.name for p in (tmp_path / "tour" / "smollm2").glob("*.html")] == ["information_flow.html"]
+    flow = json.loads((tmp_path / "tour" / "smollm2" / "information_flow.json").read_text())
+    assert flow["model"] == "smollm2-135m" and flow["rows"]
+    assert not any(r["task"].startswith("fixture-") for r in flow["rows"])
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("name", ["information-flow", "repetition"])
-def test_cli_analyze_on_the_loaded_real_model(smollm2, name, tmp_path, capsys):
-    """``icl-circuits analyze NAME`` in-process on SmolLM2 (``main(..., model=...)``: no reload): real-language
-    tasks picked for the model, JSON + offline HTML written, a computed reading printed."""
+@pytest.mark.slow  # the six observations at n=2 on SmolLM2, the head scan of label-binding included
+def test_cli_record_vs_circuit_runs_every_observation_on_the_loaded_real_model(smollm2, tmp_path, capsys):
+    """``icl-circuits analyze record-vs-circuit`` in-process on SmolLM2 (``main(..., model=...)``: no reload) runs
+    each of the six observations (``--n 2``): each writes its JSON on real-language tasks picked for the model
+    (the unseen tasks: arbitrary symbol maps), the page holds all of them offline, each reading is printed."""
+    from icl_circuits.analyze.record_vs_circuit import PARTS
     from icl_circuits.cli import main
 
-    argv = ["analyze", name, "--model", "smollm2-135m", "--n", "3", "--out", str(tmp_path)]
+    argv = ["analyze", "record-vs-circuit", "--model", "smollm2-135m", "--n", "2", "--out", str(tmp_path)]
     assert main(argv, model=smollm2) == 0
-    stem = name.replace("-", "_")
-    data = json.loads((tmp_path / f"{stem}.json").read_text())
-    assert data["model"] == "smollm2-135m" and data["provenance"]["args"]["n"] == 3
-    tasks = {r["task"] for r in data.get("rows", data.get("task_rows", []))} or set(data.get("tasks", []))
-    assert tasks and not any(t.startswith("fixture-") for t in tasks), data.keys()
-    assert '<script src="http' not in (tmp_path / f"{stem}.html").read_text()
-    assert data["findings"]["reading"] and data["findings"]["reading"].split()[0] in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    whole = json.loads((tmp_path / "record_vs_circuit.json").read_text())
+    assert whole["model"] == "smollm2-135m" and whole["provenance"]["args"]["n"] == 2
+    assert list(whole["parts"]) == [name for name, _, _ in PARTS]
+    page = (tmp_path / "record_vs_circuit.html").read_text()
+    assert not REMOTE_SCRIPT.search(page) and (tmp_path / "record_vs_circuit.md").is_file()
+    for name, _, _ in PARTS:
+        part = json.loads((tmp_path / f"{name.replace('-', '_')}.json").read_text())
+        rows = [r for v in part.values() if isinstance(v, list) for r in v if isinstance(r, dict)]
+        tasks = {r["task"] for r in rows if "task" in r}
+        assert part["model"] == "smollm2-135m" and part["findings"]["reading"], name
+        assert tasks and not any(t.startswith("fixture-") for t in tasks), (name, tasks)
+        assert f'id="{name}"' in page, name
+        if name == "unseen-task":  # tasks the model cannot have seen: arbitrary symbol maps
+            assert any(t.startswith("arbitrary-") for t in tasks), tasks
+    assert whole["findings"]["reading"].split()[0] in printed
+
+
+@pytest.mark.fixture
+@pytest.mark.parametrize("name", [n for n in SMALL if n != "record-vs-circuit"])
+def test_a_task_is_a_name_or_a_task(name, fixture_like):
+    """``tasks=`` takes names or ``Task`` objects (resolved by ``get_task``): the same task either way gives the
+    same result; a task outside the registry (a renamed ``Task``) runs under its own name."""
+    from dataclasses import replace
+
+    model, _ = fixture_like
+    given = "fixture-rule-shift3" if name == "unseen-task" else "fixture-bound"
+    kw = {"seed": 2, "progress": False, **SMALL[name]}
+    by_name = ANALYSES[name].run(model, tasks=[given], **kw)
+    if set(SMALL[name]) == {"n"}:  # run_analysis passes n, tasks and seed
+        by_task = run_analysis(name, model, tasks=[get_task(given, model)], **kw)
+    else:
+        by_task = ANALYSES[name].run(model, tasks=[get_task(given, model)], **kw)
+    assert by_task.to_dict() == by_name.to_dict()
+    renamed = replace(get_task(given, model), name="my-task")
+    own = ANALYSES[name].run(model, tasks=[renamed], **kw)
+    shown = set(own.to_dataframe()["task"])
+    assert "my-task" in shown and given not in shown
+    with pytest.raises(TaskError, match="distinct names"):
+        ANALYSES[name].run(model, tasks=[given, get_task(given, model)], **kw)

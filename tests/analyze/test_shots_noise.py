@@ -47,3 +47,14 @@ def test_reading_at_chance_accuracy_reads_no_beta():
     assert learnt.findings()["beta_half_noise"] == 0.5
     # the bound: 2 binomial standard errors above chance
     assert at_chance(0.5, 0.5, 100) and at_chance(0.6, 0.5, 100) and not at_chance(0.61, 0.5, 100)
+
+
+@pytest.mark.unit
+def test_shrink_figure_one_colour_and_one_legend_entry_per_task():
+    """beta and accuracy panels: the task's colour in both, a single legend entry per task (not per panel)."""
+    r = _result(0.9, 0.5)
+    shrink = r.figures()[-1]
+    assert {t.line.color for t in shrink.data} == {shrink.data[0].line.color}
+    assert [t.name for t in shrink.data if t.showlegend is not False] == ["t"]
+    at_chance = _result(0.0, 0.95).figures()[-1]
+    assert at_chance.data[0].name == "t (at chance: beta not read)"

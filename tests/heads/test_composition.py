@@ -57,8 +57,10 @@ def test_composition_baseline_equals_dense_products_of_the_same_draws():
 def test_composition_scores_equal_transformer_lens_and_dense_products(which, request):
     model = request.getfixturevalue(which)
     with torch.no_grad():
+        together = comp.all_composition_scores(model)  # the scan's call: the senders' Grams shared by the modes
         for mode in comp.MODES:
             ours = comp.composition_scores(model, mode)
+            assert torch.equal(together[mode], ours)
             tl = model.all_composition_scores(mode).scores
             assert torch.allclose(ours, tl, atol=1e-5)
             assert torch.allclose(ours, _dense_composition(model, mode), atol=1e-5)

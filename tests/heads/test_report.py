@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -43,3 +44,13 @@ def test_demo_scans_icl_tiny(tmp_path, capsys):
     assert doc["model"] == "fixture:icl-tiny" and doc["induction_heads"], capsys.readouterr().out
     assert any(entry["feeders"] for entry in doc["circuit"]), doc["circuit"]
     assert all(h["ablation"] is not None for h in doc["heads"])
+    page = (tmp_path / "head_scan.html").read_text()
+    text = re.sub(r"<script.*?</script>", "", page, flags=re.S)
+    assert "mean-ablation effect &lt; 0 nats" in text and "-0.0 " not in text  # no negative zero (HTML-escaped <)
+
+
+def test_ranked_note_says_the_20_highest_only_when_there_are_more():
+    from icl_circuits.heads.report import ranked_note
+
+    assert ranked_note(16, 20) == "All 16 heads, by induction score."
+    assert ranked_note(270, 20).startswith("The 20 highest induction scores of 270 heads")

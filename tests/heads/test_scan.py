@@ -44,6 +44,30 @@ def test_scan_is_seeded_and_leaves_no_hooks(tiny_gpt2):
 
 
 @pytest.mark.fixture
+def test_ablation_batch_sweeps_the_first_sequences_and_records_stages(tiny_gpt2):
+    from icl_circuits.patching.ablation import InContextGain, mean_ablation_sweep
+    from icl_circuits.tasks.defaults import DEFAULTS, model_kind
+
+    lines: list[str] = []
+    scan = scan_heads(tiny_gpt2, seq_len=8, batch=6, seed=3, ablation_batch=2, progress=False, log=lines.append)
+    first = scan.tokens[:2]
+    direct = mean_ablation_sweep(tiny_gpt2, first, InContextGain(first, 8)).effect
+    assert scan.ablation_batch == 2 and torch.allclose(scan.scores["ablation"], direct, atol=1e-6)
+    whole = scan_heads(tiny_gpt2, seq_len=8, batch=6, seed=3, ablation_batch=6, progress=False)
+    assert whole.ablation_batch == 6 and not torch.allclose(whole.scores["ablation"], direct, atol=1e-6)
+    kind_default = DEFAULTS[model_kind(tiny_gpt2)]["head-scan"]["ablation_batch"]
+    by_default = scan_heads(tiny_gpt2, seq_len=8, batch=6, seed=3, progress=False).ablation_batch
+    assert by_default == (6 if kind_default is None else min(kind_default, 6))
+    assert torch.equal(whole.scores["induction"], scan.scores["induction"])  # the attention scores use all 6
+    assert any("mean-ablation sweep (8 heads x 2 sequences)" in line for line in lines)
+    assert set(scan.timings) == {line.split(":")[0].strip() for line in lines} and len(lines) == 4
+    doc = scan.to_dict()
+    assert doc["ablation_batch"] == 2 and set(doc["timings_s"]) == set(scan.timings)
+    with pytest.raises(InputError, match="ablation_batch"):
+        scan_heads(tiny_gpt2, seq_len=8, batch=2, ablation_batch=3)
+
+
+@pytest.mark.fixture
 def test_scan_rejects_bad_arguments(tiny_gpt2):
     with pytest.raises(InputError, match="more than the model's context"):
         scan_heads(tiny_gpt2, seq_len=40, batch=2)

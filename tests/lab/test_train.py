@@ -85,7 +85,8 @@ def test_config_files_are_checked(tmp_path):
     assert (cfg.steps, cfg.seed, cfg.corpus.repeat_share) == (10, 3, 1.0)
     assert cfg.checkpoint_steps() == [0, 10]
     for text, match in (('stesp = 10\n', "did you mean 'steps'"), ("steps = 0\n", "steps must be an integer >= 1"),
-                        ("[corpus]\nrepeat_share = 2.0\n", "repeat_share"), ("steps = [\n", "not valid TOML")):
+                        ("[corpus]\nrepeat_share = 2.0\n", "repeat_share"),
+                        ("[corpus]\nzipf_exponent = -1\n", "zipf_exponent"), ("steps = [\n", "not valid TOML")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
         with pytest.raises(InputError, match=match):

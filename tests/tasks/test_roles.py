@@ -88,3 +88,24 @@ def test_roles_of_a_model_without_bos(fixture_like):
     assert torch.equal(a.roles, b.roles) and torch.equal(a.demo_index, b.demo_index)
     assert torch.equal(a.roles, ref.roles[:, 1:]) and torch.equal(a.last_positions, ref.last_positions - 1)
     assert a.roles[0, 0].item() == ROLE_NAMES.index("demo_key")
+
+
+@pytest.mark.unit
+def test_role_slots_align_pieces_of_different_token_lengths():
+    """Demo 1's input is 1 token in prompt 0 and 2 in prompt 1: slot ``d1 demo_key`` covers both, and every
+    later slot is the same piece of both prompts although its position index differs."""
+    tokens = torch.tensor([[0, 5, ARROW, 6, SEP, 7, ARROW, 1], [0, 5, 8, ARROW, 6, SEP, 7, ARROW]])
+    last = torch.tensor([6, 7])
+    slots = rl.role_slots(roles_from_tokens(tokens, arrow_id=ARROW, sep_id=SEP, last_positions=last))
+    assert slots.names == ("template", "d1 demo_key", "d1 demo_arrow", "d1 demo_label", "d1 demo_sep",
+                           "query_key", "query_arrow")  # fmt: skip
+    key = slots.names.index("d1 demo_key")
+    assert slots.mask(key).tolist() == [[False, True] + [False] * 6, [False, True, True] + [False] * 5]
+    arrow = slots.names.index("query_arrow")
+    assert [int(p) for p in slots.mask(arrow).nonzero()[:, 1]] == [6, 7]  # the answer position of each prompt
+    assert slots.index[0, 7] == -1  # padding belongs to no slot
+    fewer = torch.tensor([[0, 5, ARROW, 6, SEP, 7, ARROW], [0, 5, ARROW, 6, SEP, 7, ARROW]])
+    two = roles_from_tokens(torch.cat([fewer, torch.tensor([[0, 7, ARROW, 1, 1, 1, 1]])]), arrow_id=ARROW, sep_id=SEP,
+                            last_positions=torch.tensor([6, 6, 2]))  # fmt: skip
+    with pytest.raises(InputError, match="cannot be aligned by role"):
+        rl.role_slots(two)  # prompt 2 has no demo
