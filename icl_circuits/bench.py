@@ -134,7 +134,7 @@ def bench_head_scan(quick: bool = False) -> list[BenchRow]:
     ``quick``: the ablation comparison covers only the 12 heads of the last layer.
     """
     import pandas as pd
-    from transformer_lens import ActivationCache, patching
+    from transformer_lens import patching
     from transformer_lens.head_detector import detect_head
 
     from icl_circuits.heads import scores as hd
@@ -166,16 +166,7 @@ def bench_head_scan(quick: bool = False) -> list[BenchRow]:
     ]
     every = all_heads(model)
     subset = [(model.cfg.n_layers - 1, h) for h in range(model.cfg.n_heads)] if quick else every
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names)
-    mean_cache = ActivationCache(
-        {k: cache[k].mean(0, keepdim=True).expand_as(cache[k]).clone() for k in z_names}, model
-    )
-    del cache
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:  # the in-context gain early - late (nats)
-        return torch.tensor(-hd.in_context_score(logits, tokens, n))
+    mean_cache, metric = _tl_mean_ablation(model, tokens, n)
 
     t = []
     with _timer(t):
@@ -422,6 +413,26 @@ def bench_analyses(quick: bool = False) -> list[BenchRow]:
     return rows
 
 
+def _tl_mean_ablation(model: Any, tokens: torch.Tensor, n: int) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
+    """TransformerLens's inputs for a mean-ablation sweep of ``tokens [batch, pos]``: an ``ActivationCache`` of
+    every layer's ``hook_z`` replaced by its per-position batch mean, and the in-context gain (early - late,
+    nats, on ``|r| = n``) as ``generic_activation_patch``'s metric."""
+    from transformer_lens import ActivationCache
+
+    from icl_circuits.heads import scores as hd
+
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(int(model.cfg.n_layers))]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names)
+    mean_cache = ActivationCache({k: cache[k].mean(0, keepdim=True).expand_as(cache[k]).clone() for k in z_names},
+                                 model)  # fmt: skip
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(-hd.in_context_score(logits, tokens, n))
+
+    return mean_cache, metric
+
+
 def _one_head_per_layer(n_layers: int, n_heads: int) -> list[tuple[int, int]]:
     """``(l, l mod H)`` for every layer: a peer's one-forward-per-head loop costs the same for every head,
     so its time on these ``L`` heads times ``H`` estimates all ``L H`` (marked ESTIMATE in the row)."""
@@ -436,7 +447,7 @@ def bench_real_head_scan(model: Any, quick: bool = False) -> list[BenchRow]:
     ``quick``: no TransformerLens row.
     """
     import pandas as pd
-    from transformer_lens import ActivationCache, patching
+    from transformer_lens import patching
 
     from icl_circuits.heads import scores as hd
     from icl_circuits.heads.scan import scan_heads
@@ -456,15 +467,7 @@ def bench_real_head_scan(model: Any, quick: bool = False) -> list[BenchRow]:
     tokens = scan.tokens[:nb]
     sweep_s = next(v for k, v in scan.timings.items() if k.startswith("mean-ablation sweep"))
     subset = _one_head_per_layer(L, H)
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names)
-    mean_cache = ActivationCache({k: cache[k].mean(0, keepdim=True).expand_as(cache[k]).clone() for k in z_names},
-                                 model)  # fmt: skip
-    del cache
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:  # the in-context gain early - late (nats)
-        return torch.tensor(-hd.in_context_score(logits, tokens, n))
+    mean_cache, metric = _tl_mean_ablation(model, tokens, n)
 
     t, mb = [], []
     with _measured(t, mb), torch.no_grad():
@@ -654,17 +657,9 @@ def bench_real_precision(model: Any, quick: bool = False) -> list[BenchRow]:
     if quick:
         return rows
     import pandas as pd
-    from transformer_lens import ActivationCache, patching
+    from transformer_lens import patching
 
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in z_names)
-    mean_cache = ActivationCache({k: cache[k].mean(0, keepdim=True).expand_as(cache[k]).clone() for k in z_names},
-                                 model)  # fmt: skip
-    del cache
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:  # the in-context gain early - late (nats)
-        return torch.tensor(-hd.in_context_score(logits, tokens, 20))
+    mean_cache, metric = _tl_mean_ablation(model, tokens, 20)
 
     tl: list[float] = []
     index = pd.DataFrame(heads, columns=["layer", "head"])
