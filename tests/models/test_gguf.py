@@ -258,3 +258,29 @@ def test_smollm2_greedy_says_paris(smollm2):
     tokens = smollm2.to_tokens("The capital of France is")
     out = smollm2.generate(tokens, max_new_tokens=2, do_sample=False, verbose=False)
     assert smollm2.to_string(out[0, tokens.shape[1] :]).startswith(" Paris")
+
+
+# ---- the optional second real model (Gemma-3-270m base; its part packages are not installed by `make install`) ----
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_gemma3_loads_with_bos_and_matches_plain_hf_from_the_same_folder():
+    """Reference: the plain Hugging Face model booted from the dequantised folder (no bridge processing)."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(part.package) is None for part in GEMMA3.parts):
+        pytest.skip("gemma3-270m part packages not installed (optional)")
+    from transformers import AutoModelForCausalLM
+
+    model = load_model("gemma3-270m", device="cpu")
+    info = model_info(model)
+    assert info.sha256 == GEMMA3.sha256 and info.prepend_bos is True and "add_bos_token" in info.bos_source
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab) == (18, 4, 640, 256, 262144)
+    folder = G.dequantised_dir(Path(info.file), info.sha256)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tokens = model.to_tokens("The capital of France is Paris, and the capital of Italy is")
+    assert tokens[0, 0].item() == model.tokenizer.bos_token_id
+    with torch.no_grad():
+        assert (model(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)).abs().max().item() < 1e-4
