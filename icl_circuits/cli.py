@@ -636,6 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=at_least(1), default=None,
                    help="prompts (or demo sets) per condition (default: the analysis's own)")  # fmt: skip
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: chosen for the model)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="a size setting of the analysis's run function, repeatable: e.g. --set n_orders=4 "
+                        "--set queries=2 for order, --set shots=0,2; record-vs-circuit: PART.KEY=VALUE "
+                        "(--set order.n_orders=4, --set unseen-task.head_shots=2)")  # fmt: skip
     _out_arg(p, "out/analyses", "NAME.json and NAME.html")
 
     p = _subparser(sub, "train", "train a small model on the ICL corpus with checkpoints (the training lab)",

@@ -18,6 +18,7 @@ sign conventions and cost.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,67 @@ def run_analysis(
     return get_analysis(name).run(model, seed=seed, n=n, tasks=tasks, progress=progress)
 
 
+def _setting_value(text: str) -> Any:
+    """``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"true"``/``"false"`` -> bool, ``"0,2,4"`` -> (0, 2, 4), a word -> itself
+    (a comma list of words -> a tuple of them: task names)."""
+    if "," in text:
+        return tuple(_setting_value(t.strip()) for t in text.split(",") if t.strip())
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _typed(run: Callable[..., Any], param: str, value: Any) -> Any:
+    """A single value for a ``Sequence`` parameter of ``run`` as a 1-tuple (``--set shots=2`` -> ``(2,)``)."""
+    annotation = str(inspect.signature(run).parameters[param].annotation)
+    return (value,) if "Sequence" in annotation and not isinstance(value, tuple) else value
+
+
+def parse_settings(name: str, given: Sequence[str]) -> dict[str, Any]:
+    """``icl-circuits analyze NAME --set KEY=VALUE ...`` -> keyword arguments of the analysis's run function.
+
+    ``KEY``: a size parameter of that function (``n_orders``, ``shots``, ``head_shots``, ...; ``n`` and
+    ``tasks`` have their own options); for ``record-vs-circuit`` ``PART.PARAM`` (``order.n_orders``), collected
+    as ``{"options": {part: {param: value}}}`` (a part's ``n``/``tasks`` replace the run's for that part).
+    ``VALUE``: an int, a float, ``true``/``false``, a word, or a comma-separated list of them (a tuple; one
+    value for a parameter that takes a sequence is a 1-tuple).
+
+    Raises:
+        InputError: no ``=``, an unknown analysis, part or parameter (the known ones listed).
+    """
+    from icl_circuits.analyze.record_vs_circuit import PARTS, part_parameters
+
+    spec = get_analysis(name)
+    options: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise InputError(f"--set takes KEY=VALUE, got {item!r}")
+        if spec.name == "record-vs-circuit":
+            part, dot, param = key.partition(".")
+            allowed = part_parameters(part) if dot else []
+            if param not in allowed:
+                raise InputError(f"--set {item!r}: record-vs-circuit takes PART.PARAM" + (
+                    f"; part {part!r} takes {', '.join(allowed)}" if allowed else ""))  # fmt: skip
+            run = next(r for p, r, _ in PARTS if p == part)
+            options.setdefault(part, {})[param] = _typed(run, param, _setting_value(value.strip()))
+            continue
+        allowed = [p for p in inspect.signature(spec.run).parameters
+                   if p not in ("model", "seed", "n", "tasks", "progress")]  # fmt: skip
+        if key not in allowed:
+            raise InputError(f"--set {item!r}: {spec.name} takes no {key!r}; it takes {', '.join(allowed)} "
+                             "(n and tasks: --n, --tasks)")  # fmt: skip
+        out[key] = _typed(spec.run, key, _setting_value(value.strip()))
+    return {**out, "options": options} if options else out
+
+
 def save_analysis(
     result: Analysis, model: Any, out_dir: str | os.PathLike[str], *, seed: int, **args: Any
 ) -> tuple[Path, Path]:
@@ -114,25 +176,27 @@ def save_analysis(
 
 def run_from_args(name: str, args: argparse.Namespace) -> int:
     """Load the model, run, print the reading, write JSON + HTML (``icl-circuits analyze NAME``; ``args``: the
-    model options of :func:`icl_circuits.cli.add_model_args` plus ``out``, ``n``, ``tasks``)."""
+    model options of :func:`icl_circuits.cli.add_model_args` plus ``out``, ``n``, ``tasks`` and ``set``, the
+    ``KEY=VALUE`` size settings of :func:`parse_settings`, recorded in the provenance as given)."""
     from icl_circuits.models import load_model
 
     spec = get_analysis(name)
+    settings = parse_settings(name, getattr(args, "set", None) or [])  # bad settings fail before the load
     given = getattr(args, "loaded_model", None)  # icl_circuits.cli.main(..., model=...)
     if given is None:
         bos = str(getattr(args, "bos", "auto"))
         given = load_model(args.model, tokenizer=args.tokenizer, device=args.device, prepend_bos=bos)
     model = given
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    result = spec.run(model, seed=args.seed, n=args.n, tasks=tasks, progress=True)
+    result = spec.run(model, seed=args.seed, n=args.n, tasks=tasks, progress=True, **settings)
     print(result.findings()["reading"])
     for part in (result, *getattr(result, "parts", ())):
         for what in getattr(part, "skipped", ()):
             print(f"skipped ({part.name}): {what}")
     paths = save_analysis(result, model, args.out, seed=args.seed, model_spec=args.model, tokenizer=args.tokenizer,
-                          n=args.n, tasks=tasks)  # fmt: skip
+                          n=args.n, tasks=tasks, settings=getattr(args, "set", None) or [])  # fmt: skip
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
 
 
-__all__ = ["ANALYSES", "Analysis", "AnalysisSpec", "get_analysis", "run_analysis", "save_analysis"]
+__all__ = ["ANALYSES", "Analysis", "AnalysisSpec", "get_analysis", "parse_settings", "run_analysis", "save_analysis"]

@@ -15,7 +15,8 @@ Cost: the sum of the six analyses (a few minutes on ``fixture:icl-tiny`` with 2 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +27,7 @@ from icl_circuits.analyze.order import run_order
 from icl_circuits.analyze.repetition import run_repetition
 from icl_circuits.analyze.shots_noise import run_shots_and_noise
 from icl_circuits.analyze.unseen_task import run_unseen_task
+from icl_circuits.errors import InputError
 from icl_circuits.models import model_info
 from icl_circuits.report import Section, table_html
 
@@ -121,6 +123,22 @@ class RecordVsCircuit(AnalysisMixin):
         return {"reading": " ".join(f"[{r['observation']}] {r['reading']}" for r in self.rows())}
 
 
+#: run-function parameters no part setting may replace (the run's own arguments)
+FIXED_PARAMS = ("model", "seed", "progress")
+
+
+def part_parameters(name: str) -> list[str]:
+    """The keyword parameters of part ``name``'s run function that ``options`` may set (``n``, ``tasks``, sizes).
+
+    Raises:
+        InputError: ``name`` is not one of the six parts.
+    """
+    runs = {part: run for part, run, _ in PARTS}
+    if name not in runs:
+        raise InputError(f"record-vs-circuit has no part {name!r}; its parts: {', '.join(runs)}")
+    return [p for p in inspect.signature(runs[name]).parameters if p not in FIXED_PARAMS]
+
+
 def run_record_vs_circuit(
     model: Any,
     *,
@@ -128,7 +146,23 @@ def run_record_vs_circuit(
     n: int | None = None,
     tasks: Sequence[TaskArg] | None = None,
     progress: bool = True,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RecordVsCircuit:
-    """Run the six analyses with their defaults (``n`` and ``tasks`` passed through) and collect them."""
-    parts = tuple(run(model, seed=seed, n=n, tasks=tasks, progress=progress) for _, run, _ in PARTS)
+    """Run the six analyses with their defaults (``n`` and ``tasks`` passed through) and collect them.
+
+    ``options``: per part, keyword arguments of its run function that replace those defaults, e.g.
+    ``{"order": {"n_orders": 4, "queries": 2}, "unseen-task": {"shots": (0, 2)}}`` (a quick run on a large model).
+
+    Raises:
+        InputError: an unknown part or a parameter its run function does not take; as each part raises.
+    """
+    given = dict(options or {})
+    for part, kw in given.items():
+        allowed = part_parameters(part)
+        unknown = sorted(set(kw) - set(allowed))
+        if unknown:
+            raise InputError(f"record-vs-circuit part {part!r} takes no {', '.join(unknown)}; "
+                             f"it takes {', '.join(allowed)}")  # fmt: skip
+    parts = tuple(run(model, seed=seed, progress=progress, **{"n": n, "tasks": tasks, **given.get(name, {})})
+                  for name, run, _ in PARTS)  # fmt: skip
     return RecordVsCircuit(model_info(model).spec, seed, parts)

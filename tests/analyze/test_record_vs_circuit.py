@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from icl_circuits import InputError
 from icl_circuits.analyze import ANALYSES, run_analysis, save_analysis
 
 pytestmark = pytest.mark.fixture
@@ -35,3 +36,22 @@ def test_summary_says_not_read_at_chance(fixture_like):
     rvc = RecordVsCircuit("m", 0, (order,))
     (row,) = rvc.rows()
     assert "head moving most: not read (at chance)" in row["measures"] and "is at chance" in row["reading"]
+
+
+def test_options_size_each_part_and_unknown_ones_raise(fixture_like):
+    """``options``: per part, run-function keywords that replace its defaults (a part's ``n`` replaces the run's)."""
+    model, _ = fixture_like
+    r = ANALYSES["record-vs-circuit"].run(model, n=2, progress=False, options={
+        "order": {"n_orders": 2, "queries": 2, "shots": 3}, "shots-and-noise": {"shots": (0, 2), "noise": (0.5,)},
+        "unseen-task": {"shots": (0, 2), "head_shots": 2, "n": 3}, "repetition": {"repeats": (1, 2)},
+        "label-binding": {"heads": [(1, 0)], "n_controls": 1}})  # fmt: skip
+    order, noise, unseen, rep, binding, _ = r.parts
+    assert (order.n_orders, order.shots, len(order.rows)) == (2, 3, 2 * 2 * 2)  # tasks x sets x orders
+    assert {g["shots"] for g in noise.grid} == {0, 2} and {g["noise"] for g in noise.grid} == {0.0, 0.5}
+    assert unseen.head_shots == 2 and {row["n"] for row in unseen.rows} == {3}
+    assert {row["repeat"] for row in rep.rows} == {1, 2}
+    assert binding.induction_heads == ((1, 0),) and binding.n_controls == 1
+    with pytest.raises(InputError, match="no part 'orders'.*order, shots-and-noise"):
+        ANALYSES["record-vs-circuit"].run(model, n=2, progress=False, options={"orders": {}})
+    with pytest.raises(InputError, match="'order' takes no n_order; it takes n, tasks, shots, n_orders"):
+        ANALYSES["record-vs-circuit"].run(model, n=2, progress=False, options={"order": {"n_order": 2}})

@@ -122,6 +122,51 @@ def test_cli_analyze_writes_json_and_html(fixture_like, tmp_path, capsys):
 
 
 @pytest.mark.unit
+def test_settings_parse_into_run_keywords():
+    from icl_circuits.analyze import parse_settings
+
+    assert parse_settings("order", ["n_orders=4", "queries=2"]) == {"n_orders": 4, "queries": 2}
+    assert parse_settings("shots-and-noise", ["shots=2", "noise=0.25,0.5", "noise_shots=4"]) == {
+        "shots": (2,), "noise": (0.25, 0.5), "noise_shots": 4}  # a sequence parameter gets a tuple
+    assert parse_settings("repetition", ["fast_weights=false"]) == {"fast_weights": False}
+    assert parse_settings("record-vs-circuit", ["order.queries=2", "unseen-task.tasks=antonym"]) == {
+        "options": {"order": {"queries": 2}, "unseen-task": {"tasks": ("antonym",)}}}
+    for bad, message in [(("order", ["queries"]), "KEY=VALUE, got 'queries'"),
+                         (("order", ["nope=1"]), "order takes no 'nope'; it takes shots, n_orders, queries"),
+                         (("order", ["n=3"]), r"\(n and tasks: --n, --tasks\)"),
+                         (("record-vs-circuit", ["queries=2"]), "takes PART.PARAM"),
+                         (("record-vs-circuit", ["order.seed=2"]), "part 'order' takes n, tasks, shots"),
+                         (("record-vs-circuit", ["orders.queries=2"]), "no part 'orders'"),
+                         (("nope", ["a=1"]), "unknown analysis 'nope'")]:  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            parse_settings(*bad)
+
+
+@pytest.mark.fixture
+def test_cli_set_sizes_the_run_and_is_recorded(fixture_like, tmp_path, capsys, monkeypatch):
+    """``--set KEY=VALUE`` reaches the run function and the provenance; a bad one is one line, exit 2, before the
+    model loads, and writes nothing."""
+    from icl_circuits.cli import main
+
+    _, folder = fixture_like
+    argv = ["analyze", "order", "--model", str(folder), "--n", "2", "--set", "n_orders=3", "--set", "queries=2",
+            "--tasks", "fixture-rule", "--out", str(tmp_path / "a")]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "a" / "order.json").read_text())
+    assert data["n_orders"] == 3 and len(data["rows"]) == 2 * 3 and {r["n_queries"] for r in data["rows"]} == {2}
+    assert data["provenance"]["args"]["settings"] == ["n_orders=3", "queries=2"]
+    capsys.readouterr()
+    import icl_circuits.models
+
+    monkeypatch.setattr(icl_circuits.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    bad = ["analyze", "order", "--model", str(folder), "--set", "n_order=3", "--out", str(tmp_path / "b")]
+    assert main(bad) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "takes no 'n_order'" in lines[0], lines
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.unit
 def test_scripts_wrap_the_cli(monkeypatch, capsys):
     import runpy
 
@@ -165,20 +210,42 @@ def test_tour_notebook_executes(fixture_like, tmp_path, monkeypatch):
     assert not any(r["task"].startswith("fixture-") for r in flow["rows"])
 
 
+#: the smallest real settings of each part (``--set``): every code path of the six runs, at a fraction of the cost
+QUICK = {"order.n_orders": "2", "order.queries": "2", "shots-and-noise.shots": "0,2", "shots-and-noise.noise": "0.5",
+         "shots-and-noise.noise_shots": "2", "unseen-task.tasks": "country-capital,arbitrary-country-word",
+         "unseen-task.shots": "0,2", "unseen-task.head_shots": "2", "repetition.repeats": "1,2",
+         "label-binding.n_controls": "1"}  # fmt: skip
+
+
 @pytest.mark.real_model
-@pytest.mark.slow  # the six observations at n=2 on SmolLM2, the head scan of label-binding included
+@pytest.mark.slow  # the six observations on SmolLM2, the head scan of label-binding and a 270-head sweep included
 def test_cli_record_vs_circuit_runs_every_observation_on_the_loaded_real_model(smollm2, tmp_path, capsys):
     """``icl-circuits analyze record-vs-circuit`` in-process on SmolLM2 (``main(..., model=...)``: no reload) runs
-    each of the six observations (``--n 2``): each writes its JSON on real-language tasks picked for the model
-    (the unseen tasks: arbitrary symbol maps), the page holds all of them offline, each reading is printed."""
+    each of the six observations (``--n 2``, each part at its smallest real size through ``--set``: 2 orders of
+    2 queries, shots 0 and 2 with one noise rate, one seen and one unseen task with the mean-ablation sweep over
+    all 270 heads at 2 shots, r = 1, 2 with the fast weights, the head scan with one control draw); each writes
+    its JSON on real-language tasks (the unseen task: an arbitrary symbol map), the page holds all of them
+    offline, each reading is printed. At the defaults (``--n 2`` alone) this took 370 s on a quiet machine."""
     from icl_circuits.analyze.record_vs_circuit import PARTS
     from icl_circuits.cli import main
 
-    argv = ["analyze", "record-vs-circuit", "--model", "smollm2-135m", "--n", "2", "--out", str(tmp_path)]
+    settings = [f"{k}={v}" for k, v in QUICK.items()]
+    argv = ["analyze", "record-vs-circuit", "--model", "smollm2-135m", "--n", "2", "--out", str(tmp_path),
+            *(a for s in settings for a in ("--set", s))]  # fmt: skip
     assert main(argv, model=smollm2) == 0
     printed = capsys.readouterr().out
     whole = json.loads((tmp_path / "record_vs_circuit.json").read_text())
     assert whole["model"] == "smollm2-135m" and whole["provenance"]["args"]["n"] == 2
+    assert whole["provenance"]["args"]["settings"] == settings
+    parts = whole["parts"]  # the settings reached each part
+    assert parts["order"]["n_orders"] == 2 and {r["n_queries"] for r in parts["order"]["rows"]} == {2}
+    assert {r["shots"] for r in parts["shots-and-noise"]["grid"]} == {0, 2}
+    assert {r["shots"] for r in parts["unseen-task"]["rows"]} == {0, 2}
+    assert {r["repeat"] for r in parts["repetition"]["rows"]} == {1, 2}
+    unseen = parts["unseen-task"]
+    assert unseen["head_shots"] == 2 and {g: len(v) * len(v[0]) for g, v in unseen["head_effects"].items()} == {
+        "seen": 270, "unseen": 270}  # every head ablated, in both groups
+    assert parts["label-binding"]["n_controls"] == 1 and parts["label-binding"]["induction_heads"]  # the scan's
     assert list(whole["parts"]) == [name for name, _, _ in PARTS]
     page = (tmp_path / "record_vs_circuit.html").read_text()
     assert not REMOTE_SCRIPT.search(page) and (tmp_path / "record_vs_circuit.md").is_file()

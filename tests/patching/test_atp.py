@@ -195,8 +195,11 @@ def test_agreement_and_estimates_follow_the_exact_grid(gpt2):
 @pytest.mark.fixture
 def test_no_parameter_gradients_or_hooks_left(gqa):
     clean, corrupted, answer, contrast, _ = make_pairs(17)
+    before = [p.requires_grad for p in gqa.parameters()]
+    assert any(before)  # else the check below could not fail
     attribution_patch(gqa, clean, corrupted, answer, contrast, "k", per_position=True)
     assert all(p.grad is None for p in gqa.parameters())
+    assert [p.requires_grad for p in gqa.parameters()] == before  # switched off during the passes, restored
     assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in gqa.hook_dict.values())
 
 
@@ -215,3 +218,22 @@ def test_atp_star_tracks_exact_head_patching_on_bound_task():
     est = attribution_patch(*args, answer_positions=pairs.last_positions)
     agree = est.agreement(exact)
     assert agree.pearson["atp_star"] >= 0.9, agree.to_dataframe().to_string()
+
+
+@pytest.mark.fixture
+def test_an_unreproduced_unembedding_falls_back_to_the_full_logits(gqa, monkeypatch):
+    """The forwards read the logit difference from the answer positions only (the sliced unembedding, then
+    ``ln_final . W_U``); where ``W_U`` alone does not reproduce the model's logits (here: a soft-cap the config
+    claims and the model does not apply) AtP says so and takes the full logits, with the same numbers."""
+    clean, corrupted, answer, contrast, positions = make_pairs(18)
+    args = (gqa, clean, corrupted, answer, contrast, "z")
+    plain = attribution_patch(*args, answer_positions=positions, graddrop=False)
+    assert not plain.notes
+    monkeypatch.setattr(gqa.cfg, "output_logits_soft_cap", 0.5, raising=False)
+    fallback = attribution_patch(*args, answer_positions=positions, graddrop=False)
+    assert any("unembedding transform" in n for n in fallback.notes), fallback.notes
+    ld = ld_fn(answer, contrast, positions)
+    with torch.no_grad():
+        torch.testing.assert_close(fallback.corrupted_logit_diff, ld(gqa(corrupted)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fallback.atp, plain.atp, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fallback.qk_term, plain.qk_term, atol=1e-5, rtol=1e-4)
