@@ -341,8 +341,9 @@ def capture_run(
     ``keep_logits``: also keep its ``[batch, pos, d_vocab]`` logits (``BaseRun.logits``)."""
     n_layers = len(model.blocks)
     resid = [f"blocks.{l}.hook_resid_{w}" for l in range(n_layers) for w in ("pre", "mid")]
-    wanted = [n for n in dict.fromkeys([*names, *resid]) if not n.endswith("hook_resid_mid") or n in model.hook_dict]
-    final = "ln_final.hook_out" if "ln_final.hook_out" in model.hook_dict else None
+    hook_dict = model.hook_dict  # a property the bridge rebuilds on every access (~1 ms): read it once
+    wanted = [n for n in dict.fromkeys([*names, *resid]) if not n.endswith("hook_resid_mid") or n in hook_dict]
+    final = "ln_final.hook_out" if "ln_final.hook_out" in hook_dict else None
     acts: dict[str, torch.Tensor] = {}
 
     def make(name: str) -> Any:
